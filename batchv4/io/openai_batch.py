@@ -1,0 +1,115 @@
+"""The OpenAI batch output file (`output.jsonl`) built from output and error rows.
+
+Owns: the line format of OpenAI's batch output (`{id, custom_id, response: {status_code,
+request_id, body: chat.completion}, error}`), grouping the samples of one request into `choices`,
+and the usage block. Does not own: computing outputs or usage, or the Parquet parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from batchv4.io.urls import first_line, get_fs, join, redact_url, write_atomic
+
+
+def _hid(prefix: str, key: str, length: int = 24) -> str:
+    # Deterministic ids: rewriting the file from the same parts gives the same bytes.
+    return prefix + hashlib.sha256(key.encode("utf-8")).hexdigest()[:length]
+
+
+def _created(value: Any) -> int:
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    if isinstance(value, (int, float)):
+        return int(value)
+    return 0
+
+
+def _int(row: Mapping[str, Any], key: str) -> int:
+    v = row.get(key)
+    return int(v) if v is not None else 0
+
+
+def _success_line(custom_id: str, samples: list[Mapping[str, Any]], model: str) -> dict[str, Any]:
+    samples = sorted(samples, key=lambda r: _int(r, "sample_index"))
+    choices = [
+        {
+            "index": _int(r, "sample_index"),
+            "message": {"role": "assistant", "content": r.get("output") or "", "reasoning_content": r.get("reasoning")},
+            "logprobs": None,
+            "finish_reason": r.get("finish_reason"),
+        }
+        for r in samples
+    ]
+    # Usage sums the sample rows, so it equals the sum of the per-row accounting in the parts.
+    prompt = sum(_int(r, "prompt_tokens") for r in samples)
+    cached = sum(_int(r, "prompt_cache_hit_tokens") for r in samples)
+    completion = sum(_int(r, "completion_tokens") for r in samples)
+    reasoning = sum(_int(r, "reasoning_tokens") for r in samples)
+    body = {
+        "id": _hid("chatcmpl-", custom_id),
+        "object": "chat.completion",
+        "created": max(_created(r.get("finished_at")) for r in samples),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        },
+    }
+    return {
+        "id": _hid("batch_req_", custom_id),
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": _hid("req_", custom_id, 32), "body": body},
+        "error": None,
+    }
+
+
+def _error_line(custom_id: str | None, message: str, code: str) -> dict[str, Any]:
+    key = custom_id if custom_id is not None else f"<no id>:{message}"
+    return {
+        "id": _hid("batch_req_", key),
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+
+
+def write_openai_batch_output(
+    out_url: str,
+    rows: Iterable[Mapping[str, Any]],
+    errors: Iterable[Mapping[str, Any]] = (),
+    *,
+    model: str = "deepseek-v4-flash",
+    filename: str = "output.jsonl",
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write `filename` in the output folder: one line per request id (its samples as `choices`),
+    then one error line per error row. Returns the file's name. A request whose sample ended with
+    `finish_reason == "error"` becomes an error line."""
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        grouped.setdefault(str(r["id"]), []).append(r)
+    lines = []
+    for custom_id, samples in grouped.items():
+        failed = [r for r in samples if r.get("finish_reason") == "error"]
+        if failed:
+            lines.append(_error_line(custom_id, failed[0].get("error") or "generation failed", "server_error"))
+        else:
+            lines.append(_success_line(custom_id, samples, model))
+    for e in errors:
+        lines.append(_error_line(e.get("id"), str(e.get("error")), "invalid_request"))
+    data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+    fs, path = get_fs(out_url, storage_options)
+    try:
+        write_atomic(fs, join(fs, path, filename), data)
+    except OSError as e:
+        raise OSError(f"cannot write {redact_url(out_url)}/{filename}: {first_line(e)}") from e
+    return filename

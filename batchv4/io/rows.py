@@ -1,0 +1,312 @@
+"""From input rows to requests: which column holds the prompt, ids, templates, OpenAI bodies.
+
+Owns: `RowSpec` (how a row becomes a request), `check_columns` (fail before any work when an
+option names a missing column), `build_request` (one `RawRow` -> `RowRequest` or `RowError`, never
+an exception), the `{column}` template filler, the OpenAI body parameters, the content hash used
+by resume, and `DuplicateTracker`. Does not own: reading files, the chat encoding (only
+`normalize_messages` is borrowed from `batchv4.tokenizer`), or deciding what to do with duplicates.
+Templates are filled by plain substitution: never `str.format`, Jinja or eval on user data.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from batchv4.io.readers import RawRow
+from batchv4.tokenizer import normalize_messages
+
+_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|\{|\}")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    prompt_column: str | None = None  # a string column: the user message
+    messages_column: str | None = None  # a list of {role, content} objects
+    template: str | None = None  # "Summarize: {text}" filled from the row's columns
+    system: str | None = None  # a system message put before every conversation
+    id_column: str | None = None  # else custom_id (OpenAI batch) else the row index
+    keep_columns: tuple[str, ...] = ()  # input columns copied to the output
+    openai_batch: bool = False  # rows are OpenAI batch lines ({custom_id, body})
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    index: int
+    id: str
+    messages: list[dict[str, str]]
+    params: dict[str, Any]  # sampling overrides from an OpenAI body (max_tokens, temperature, ...)
+    keep: dict[str, Any]
+    content_hash: str  # sha256 of canonical JSON of messages + params
+
+
+@dataclass(frozen=True)
+class RowError:
+    index: int
+    id: str | None
+    error: str  # one line
+    raw: str | None
+
+    def to_record(self) -> dict[str, Any]:
+        """The row of the error parts (see `batchv4.io.schema.ERROR_SCHEMA`)."""
+        return {"id": self.id, "row_index": self.index, "error": self.error, "raw": self.raw}
+
+
+# -- templates -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def parse_template(template: str) -> tuple[str | tuple[str], ...]:
+    """Literal strings and `(column,)` placeholders; `{{` and `}}` are literal braces."""
+    pieces: list[str | tuple[str]] = []
+    pos = 0
+    for m in _TEMPLATE_TOKEN.finditer(template):
+        if m.start() > pos:
+            pieces.append(template[pos : m.start()])
+        tok = m.group(0)
+        if tok == "{{":
+            pieces.append("{")
+        elif tok == "}}":
+            pieces.append("}")
+        elif tok in ("{", "}"):
+            raise ValueError(f"template: unmatched {tok!r} at position {m.start()} (write {tok}{tok} for a literal brace)")
+        else:
+            name = m.group(1)
+            if not name.strip():
+                raise ValueError(f"template: empty placeholder at position {m.start()}")
+            pieces.append((name,))
+        pos = m.end()
+    if pos < len(template):
+        pieces.append(template[pos:])
+    return tuple(pieces)
+
+
+def template_columns(template: str) -> list[str]:
+    return list(dict.fromkeys(p[0] for p in parse_template(template) if isinstance(p, tuple)))
+
+
+def fill_template(pieces: Iterable[str | tuple[str]], data: Mapping[str, Any]) -> str:
+    """Raises ValueError naming the first column the row lacks or holds null."""
+    out = []
+    for p in pieces:
+        if isinstance(p, str):
+            out.append(p)
+            continue
+        name = p[0]
+        if name not in data:
+            raise ValueError(f"template column {name!r} is missing from this row")
+        value = data[name]
+        if value is None:
+            raise ValueError(f"template column {name!r} is null")
+        out.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str))
+    return "".join(out)
+
+
+# -- column checks -------------------------------------------------------------------------------
+def check_columns(spec: RowSpec, columns: Iterable[str], fmt: str | None = None) -> RowSpec:
+    """Validate `spec` against the input's columns before any work starts; return it resolved.
+
+    With no prompt source given, an OpenAI batch input uses its bodies, else a `messages` column,
+    else a `prompt` column. Raises ValueError (one line, listing the available columns).
+    """
+    cols = list(columns)
+    available = ", ".join(cols) if cols else "(none)"
+    sources = [s for s in (spec.prompt_column, spec.messages_column, spec.template) if s is not None]
+    if len(sources) > 1:
+        raise ValueError("give only one of --prompt-column, --messages-column and --template")
+    if fmt == "openai" or spec.openai_batch:
+        if sources:
+            raise ValueError("--prompt-column/--messages-column/--template do not apply to OpenAI batch input")
+        spec = replace(spec, openai_batch=True)
+    elif not sources:
+        if "messages" in cols:
+            spec = replace(spec, messages_column="messages")
+        elif "prompt" in cols:
+            spec = replace(spec, prompt_column="prompt")
+        else:
+            raise ValueError(f"no prompt column: pass --prompt-column, --messages-column or --template; available columns: {available}")
+    named = [
+        ("--prompt-column", spec.prompt_column),
+        ("--messages-column", spec.messages_column),
+        ("--id-column", spec.id_column),
+    ]
+    named += [("--keep-column", c) for c in spec.keep_columns]
+    if spec.template is not None:
+        named += [("--template", c) for c in template_columns(spec.template)]
+    for option, col in named:
+        if col is not None and col not in cols:
+            raise ValueError(f"column {col!r} (from {option}) is not in the input; available columns: {available}")
+    return spec
+
+
+# -- OpenAI body parameters ----------------------------------------------------------------------
+def _int_param(body: Mapping[str, Any], key: str, low: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"body.{key}: expected an integer >= {low}, got {v!r}")
+    return v
+
+
+def _float_param(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+        raise ValueError(f"body.{key}: expected a number in [{low}, {high}], got {v!r}")
+    return float(v)
+
+
+def openai_params(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampling overrides from an OpenAI chat-completions body (unknown keys are ignored)."""
+    params: dict[str, Any] = {}
+    max_tokens = _int_param(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _int_param(body, "max_tokens", 1)
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+    for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        v = _float_param(body, key, low, high)
+        if v is not None:
+            params[key] = v
+    for key, low in (("seed", -(2**63)), ("n", 1)):
+        v = _int_param(body, key, low)
+        if v is not None:
+            params[key] = v
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("body.stop: expected a non-empty string or a list of them")
+        params["stop"] = list(stops)
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if not isinstance(effort, str):
+            raise ValueError(f"body.reasoning_effort: expected a string, got {effort!r}")
+        params["reasoning_effort"] = effort
+    thinking = body.get("thinking")
+    if thinking is not None:
+        # DeepSeek's API form: {"thinking": {"type": "enabled" | "disabled"}}
+        kind = thinking.get("type") if isinstance(thinking, Mapping) else None
+        if kind not in ("enabled", "disabled"):
+            raise ValueError("body.thinking: expected {\"type\": \"enabled\"} or {\"type\": \"disabled\"}")
+        params["thinking"] = kind == "enabled"
+    return params
+
+
+# -- rows ----------------------------------------------------------------------------------------
+def content_hash(messages: list[dict[str, str]], params: Mapping[str, Any]) -> str:
+    canon = json.dumps({"messages": messages, "params": dict(params)}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def _row_id(spec: RowSpec, data: Mapping[str, Any], index: int) -> str:
+    if spec.id_column is not None:
+        if spec.id_column not in data or data[spec.id_column] is None:
+            raise ValueError(f"id column {spec.id_column!r} is missing or null")
+        value = data[spec.id_column]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"id column {spec.id_column!r}: expected a string or integer, got {type(value).__name__}")
+    elif spec.openai_batch:
+        value = data.get("custom_id")
+        if not isinstance(value, str):
+            raise ValueError("custom_id: expected a string")
+    else:
+        return str(index)
+    text = str(value)
+    if not text:
+        raise ValueError("empty id")
+    return text
+
+
+def _messages(spec: RowSpec, data: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    if spec.openai_batch:
+        body = data.get("body")
+        if not isinstance(body, Mapping):
+            raise ValueError("body: expected an object")
+        params = openai_params(body)
+        if "messages" in body:
+            return body["messages"], params
+        if "prompt" in body:
+            return [{"role": "user", "content": _prompt_text(body["prompt"], "body.prompt")}], params
+        raise ValueError("body: has neither messages nor prompt")
+    if spec.messages_column is not None:
+        if data.get(spec.messages_column) is None:
+            raise ValueError(f"messages column {spec.messages_column!r} is missing or null")
+        return data[spec.messages_column], {}
+    if spec.template is not None:
+        text = fill_template(parse_template(spec.template), data)
+        return [{"role": "user", "content": _prompt_text(text, "template")}], {}
+    col = spec.prompt_column
+    if col is None:
+        raise ValueError("no prompt source; call check_columns first")
+    if col not in data or data[col] is None:
+        raise ValueError(f"prompt column {col!r} is missing or null")
+    return [{"role": "user", "content": _prompt_text(data[col], f"prompt column {col!r}")}], {}
+
+
+def _prompt_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{what}: empty prompt")
+    return value
+
+
+def build_request(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
+    """One input row as a request, or an error row with a one-line reason."""
+    if row.error is not None or row.data is None:
+        return RowError(row.index, None, row.error or "unreadable row", row.raw)
+    data = row.data
+    try:
+        row_id = _row_id(spec, data, row.index)
+    except ValueError as e:
+        return RowError(row.index, None, str(e), row.raw if row.raw is not None else _dump(data))
+    try:
+        raw_messages, params = _messages(spec, data)
+        messages = normalize_messages(raw_messages)
+        if spec.system is not None:
+            messages = [{"role": "system", "content": spec.system}, *messages]
+    except ValueError as e:
+        return RowError(row.index, row_id, str(e).splitlines()[0], row.raw if row.raw is not None else _dump(data))
+    keep = {c: data.get(c) for c in spec.keep_columns}
+    return RowRequest(row.index, row_id, messages, params, keep, content_hash(messages, params))
+
+
+def _dump(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, default=str)
+
+
+@dataclass
+class DuplicateTracker:
+    """Remembers ids; `seen(id)` says whether it came before.
+
+    `compact=True` keeps 8-byte blake2b digests instead of the strings (a false "seen" has
+    probability about n^2 / 2^65 for n ids: negligible below billions of rows).
+    """
+
+    compact: bool = False
+    _ids: set[Any] = field(default_factory=set, repr=False)
+
+    def _key(self, row_id: str) -> Any:
+        if not self.compact:
+            return row_id
+        return int.from_bytes(hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+    def seen(self, row_id: str) -> bool:
+        key = self._key(row_id)
+        if key in self._ids:
+            return True
+        self._ids.add(key)
+        return False
+
+    def __contains__(self, row_id: str) -> bool:
+        return self._key(row_id) in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)

@@ -1,0 +1,183 @@
+"""V4 attention: query latent + per-head RMS norm, one shared K=V head with partial interleaved RoPE,
+a sliding window, compressed entries (all of them for HCA, the indexer's top-k for CSA), a
+per-head sink, inverse RoPE on the output, and the grouped low-rank output projection.
+
+Owns: both forwards of the attention sublayer — `forward_reference` (one sequence from position 0,
+dense masks: the oracle) and `forward_packed` (many sequences' chunks, reading and extending the
+cache pools of a `ForwardBatch`). Does not own: page or slot allocation (the engine), the kernels
+(`batchv4.kernels`, used on CUDA devices).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchv4.config import ModelConfig
+from batchv4.model import quant
+from batchv4.model.compressor import Compressor, Indexer
+from batchv4.model.forward_batch import CachePools, ForwardBatch
+from batchv4.model.layers import Linear, RMSNorm, apply_rope, rms_unweighted, rope_cos_sin, rope_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ratio = ratio
+        self.kind = "window" if ratio == 0 else ("csa" if ratio == cfg.csa_ratio else "hca")
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.window = cfg.window_size
+        self.scale = cfg.head_dim ** -0.5
+        self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
+        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim)
+        self.wkv = Linear(cfg.dim, cfg.head_dim)
+        self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.wo_a = Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim)
+        if ratio:
+            self.compressor = Compressor(cfg, ratio, cfg.head_dim)
+        if self.kind == "csa":
+            self.indexer = Indexer(cfg)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, compressed=ratio > 0), persistent=False)
+        self.sim = False  # FP8/FP4 activation-quantization simulation (set by the model)
+
+    # ---- token-wise parts shared by both forwards -------------------------------------------------
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq, positions)
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [T, D] -> q [T, H, Dh], kv [T, Dh] (x.dtype), qa [T, q_lora], cos/sin [T, R/2]."""
+        cos, sin = self.cos_sin(positions)
+        qa = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qa).view(x.shape[0], self.n_heads, self.head_dim)
+        q = apply_rope(rms_unweighted(q, self.cfg.norm_eps), cos, sin)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if self.sim:
+            r = self.cfg.rope_head_dim
+            kv = torch.cat([quant.fp8_qdq(kv[:, :-r].float(), block=64).to(kv.dtype), kv[:, -r:]], dim=-1)
+        return q, kv, qa, cos, sin
+
+    def _out(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """o [T, H, Dh] -> [T, D]: inverse RoPE at the query position, grouped wo_a, wo_b."""
+        o = apply_rope(o, cos, sin, inverse=True)
+        G = self.cfg.o_groups
+        T = o.shape[0]
+        wa = self.wo_a.dense_weight(o.dtype).view(G, self.cfg.o_lora_rank, -1)      # [G, r, H/G*Dh]
+        y = torch.einsum("tgi,gri->tgr", o.reshape(T, G, -1), wa).reshape(T, -1)
+        return self.wo_b(y)
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q [L, H, Dh]; keys [L, K, Dh] (per query); bias [L, K] (0 / -inf) -> [L, H, Dh] in q.dtype.
+        K = V; the sink joins the softmax denominator with a zero value."""
+        s = torch.einsum("lhd,lkd->lhk", q.float(), keys.float()) * self.scale + bias[:, None, :]
+        sink = self.attn_sink.float().view(1, -1, 1).expand(s.shape[0], -1, 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+        return torch.einsum("lhk,lkd->lhd", p, keys.float()).to(q.dtype)
+
+    # ---- the oracle ------------------------------------------------------------------------------
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """One sequence, positions 0..S-1, dense masks. x [S, D] -> [S, D]."""
+        S = x.shape[0]
+        pos = torch.arange(S, device=x.device)
+        q, kv, qa, cos, sin = self._qkv(x, pos)
+        keys = kv                                                               # [S, Dh]
+        win = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)
+        mask = win
+        if self.ratio:
+            comp = self._reference_entries(self.compressor, x, pos, indexer=False)    # [N, Dh]
+            N = comp.shape[0]
+            visible = torch.arange(N, device=x.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
+            if self.kind == "csa":
+                ikeys = self._reference_entries(self.indexer.compressor, x, pos, indexer=True)
+                qi, wi = self.indexer.queries(x, qa, cos, sin, self.sim)
+                sel = self.indexer.select(qi, wi, ikeys, pos)                         # [S, k]
+                chosen = torch.zeros(S, N + 1, dtype=torch.bool, device=x.device)
+                chosen.scatter_(1, torch.where(sel >= 0, sel, N), True)
+                visible = visible & chosen[:, :N]
+            keys = torch.cat([kv, comp.to(kv.dtype)])
+            mask = torch.cat([win, visible], dim=1)
+        bias = torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf"))
+        o = self._sdpa(q, keys.unsqueeze(0).expand(S, -1, -1), bias)
+        return self._out(o, cos, sin)
+
+    def _reference_entries(self, comp: Compressor, x, pos, indexer: bool) -> torch.Tensor:
+        a, g = comp.project(x, pos)
+        raw = comp.pool_reference(a, g)
+        return comp.finish(raw, 0, self.cos_sin, x.dtype, self.sim, indexer)
+
+    # ---- the packed forward ----------------------------------------------------------------------
+    def forward_packed(self, x: torch.Tensor, fb: ForwardBatch, pools: CachePools, layer: int,
+                       qblock: int = 256) -> torch.Tensor:
+        """x [T, D] of many sequences (see ForwardBatch) -> [T, D]; reads and extends the caches."""
+        q, kv, qa, cos, sin = self._qkv(x, fb.positions)
+        if self.ratio:
+            a, g = self.compressor.project(x, fb.positions)
+        if self.kind == "csa":
+            qi, wi = self.indexer.queries(x, qa, cos, sin, self.sim)
+            ia, ig = self.indexer.compressor.project(x, fb.positions)
+        ring = pools.window[layer]
+        W, P = self.window, pools.layout.page_size
+        out = torch.empty_like(q)
+        for b in range(fb.num_seqs):
+            r0, r1 = fb.cu_seqlens[b], fb.cu_seqlens[b + 1]
+            L = r1 - r0
+            if L == 0:
+                continue
+            p0, slot = fb.start_pos[b], fb.slots[b]
+            pos = fb.positions[r0:r1]
+            # window keys: earlier positions from the ring, this chunk's from kv
+            n_old = min(W - 1, p0)
+            old_pos = torch.arange(p0 - n_old, p0, device=x.device)
+            keys_w = torch.cat([ring[slot, old_pos % W], kv[r0:r1]])                    # [n_old+L, Dh]
+            rel = torch.arange(L, device=x.device)[:, None] + torch.arange(W, device=x.device)[None, :] \
+                + n_old - (W - 1)                                                       # [L, W]
+            valid = rel >= 0
+            kw = keys_w[rel.clamp(min=0)]                                               # [L, W, Dh]
+            bias_w = torch.zeros(L, W, device=x.device).masked_fill(~valid, float("-inf"))
+            comp_keys = comp_bias = None
+            if self.ratio:
+                table = fb.page_tables[self.ratio][b]
+                self._extend(self.compressor, pools.comp[layer], pools.state[layer], a[r0:r1], g[r0:r1],
+                             p0, slot, table, P, indexer=False)
+                n_ent = (p0 + L) // self.ratio
+                ent = torch.arange(n_ent, device=x.device)
+                comp_all = pools.comp[layer][table[ent // P], ent % P]                  # [N, Dh]
+                if self.kind == "csa":
+                    self._extend(self.indexer.compressor, pools.ikey[layer], pools.istate[layer],
+                                 ia[r0:r1], ig[r0:r1], p0, slot, table, P, indexer=True)
+                    ikeys = pools.ikey[layer][table[ent // P], ent % P]
+                    sel = self.indexer.select(qi[r0:r1], wi[r0:r1], ikeys, pos)         # [L, k]
+                    comp_keys = comp_all[sel.clamp(min=0)] if n_ent else kv.new_zeros(L, 0, self.head_dim)
+                    comp_bias = torch.zeros(sel.shape, device=x.device).masked_fill(sel < 0, float("-inf"))
+                else:
+                    vis = ent[None, :] < ((pos + 1) // self.ratio)[:, None]              # [L, N]
+                    comp_bias = torch.zeros(vis.shape, device=x.device).masked_fill(~vis, float("-inf"))
+            for s in range(0, L, qblock):
+                e = min(L, s + qblock)
+                keys, bias = kw[s:e], bias_w[s:e]
+                if comp_bias is not None:
+                    ck = comp_keys[s:e] if comp_keys is not None else comp_all.unsqueeze(0).expand(e - s, -1, -1)
+                    keys = torch.cat([keys, ck.to(keys.dtype)], dim=1)
+                    bias = torch.cat([bias, comp_bias[s:e]], dim=1)
+                out[r0 + s:r0 + e] = self._sdpa(q[r0 + s:r0 + e], keys, bias)
+            # the ring keeps the last W positions
+            keep = min(W, L)
+            ring[slot, pos[L - keep:] % W] = kv[r1 - keep:r1].to(ring.dtype)
+        return self._out(out, cos, sin)
+
+    def _extend(self, comp: Compressor, pool: torch.Tensor, state: torch.Tensor, a, g, p0: int, slot: int,
+                table: torch.Tensor, P: int, indexer: bool) -> None:
+        raw, new_state = comp.pool_streaming(a, g, p0, state[slot])
+        state[slot] = new_state
+        if raw.shape[0]:
+            first = p0 // comp.ratio
+            ent = torch.arange(first, first + raw.shape[0], device=raw.device)
+            pages = table[ent // P]
+            if bool((pages < 0).any()):
+                raise ValueError(f"page table too short for compressed entry {int(ent[-1])}")
+            pool[pages, ent % P] = comp.finish(raw, first, self.cos_sin, pool.dtype, self.sim, indexer)

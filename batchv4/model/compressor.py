@@ -1,0 +1,168 @@
+"""V4's token compressors (CSA with overlapping windows, HCA without) and the lightning indexer.
+
+Owns: the pooling math in two forms — the obvious whole-sequence softmax (the oracle) and the
+streaming form over running accumulators (max, sum, weighted sum per channel) that the packed
+forward uses to resume from a cache slot at any position — and the indexer's scores and top-k.
+Does not own: where entries are stored (pages belong to the engine; the attention module reads and
+writes them) or the attention itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchv4.config import ModelConfig
+from batchv4.model import quant
+from batchv4.model.layers import Linear, RMSNorm, apply_rope
+
+
+class Compressor(nn.Module):
+    """Pools every `ratio` tokens into one entry of width `dim`.
+
+    CSA (ratio == cfg.csa_ratio) projects to 2*dim channels: the first half pools into the NEXT
+    entry, the second half into the current one, so entry j covers blocks j-1 and j.
+    """
+
+    def __init__(self, cfg: ModelConfig, ratio: int, dim: int) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.dim = dim
+        self.overlap = ratio == cfg.csa_ratio
+        c = 2 if self.overlap else 1
+        self.ape = nn.Parameter(torch.zeros(ratio, c * dim))
+        self.wkv = Linear(cfg.dim, c * dim)
+        self.wgate = Linear(cfg.dim, c * dim)
+        self.norm = RMSNorm(dim, cfg.norm_eps)
+
+    @property
+    def n_acc(self) -> int:
+        return 2 if self.overlap else 1
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> values a, gate logits g [T, c*dim] fp32 (ape added to the gates only)."""
+        xf = x.float()
+        a = F.linear(xf, self.wkv.dense_weight(torch.float32))
+        g = F.linear(xf, self.wgate.dense_weight(torch.float32)) + self.ape.float()[positions % self.ratio]
+        return a, g
+
+    # ---- the oracle: a whole sequence from position 0 ---------------------------------------------
+    def pool_reference(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """a, g [S, c*dim] of positions 0..S-1 -> raw entries [S // ratio, dim] fp32."""
+        m, d = self.ratio, self.dim
+        n = a.shape[0] // m
+        if n == 0:
+            return a.new_zeros(0, d)
+        a, g = a[: n * m].view(n, m, -1), g[: n * m].view(n, m, -1)
+        if not self.overlap:
+            return (a * torch.softmax(g, dim=1)).sum(dim=1)
+        kv = a.new_zeros(n, 2 * m, d)
+        gate = g.new_full((n, 2 * m, d), float("-inf"))
+        kv[:, m:], gate[:, m:] = a[..., d:], g[..., d:]
+        kv[1:, :m], gate[1:, :m] = a[:-1, :, :d], g[:-1, :, :d]
+        return (kv * torch.softmax(gate, dim=1)).sum(dim=1)
+
+    # ---- the streaming form -----------------------------------------------------------------------
+    def pool_streaming(self, a: torch.Tensor, g: torch.Tensor, p0: int,
+                       state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens at positions p0..p0+L-1 of one sequence.
+
+        a, g [L, c*dim] fp32; state [c, 3, dim] fp32 accumulators of entries p0//m .. p0//m+c-1.
+        Returns (raw entries [E, dim] completed by these tokens: indices p0//m .. (p0+L)//m - 1,
+        new state [c, 3, dim] for entries (p0+L)//m ..).
+        """
+        m, d, c = self.ratio, self.dim, self.n_acc
+        L = a.shape[0]
+        base = p0 // m
+        blk = (torch.arange(L, device=a.device) + p0) // m - base                  # [L]
+        if self.overlap:
+            idx = torch.cat([blk, blk + 1])
+            vals = torch.cat([a[:, d:], a[:, :d]])
+            gates = torch.cat([g[:, d:], g[:, :d]])
+        else:
+            idx, vals, gates = blk, a, g
+        n_acc = int(blk[-1]) + c + 1 if L else c + 1
+        mx = torch.full((n_acc, d), float("-inf"), device=a.device)
+        mx[:c] = state[:, 0]
+        if L:
+            mx.scatter_reduce_(0, idx[:, None].expand(-1, d), gates, reduce="amax", include_self=True)
+        s = torch.zeros(n_acc, d, device=a.device)
+        acc = torch.zeros(n_acc, d, device=a.device)
+        old_m = state[:, 0]
+        keep = torch.where(torch.isinf(old_m), torch.zeros_like(old_m), torch.exp(old_m - mx[:c]))
+        s[:c] = state[:, 1] * keep
+        acc[:c] = state[:, 2] * keep
+        if L:
+            w = torch.exp(gates - mx[idx])
+            s.index_add_(0, idx, w)
+            acc.index_add_(0, idx, w * vals)
+        n_emit = (p0 + L) // m - base
+        entries = acc[:n_emit] / s[:n_emit]
+        new_state = torch.stack([mx, s, acc], dim=1)[n_emit:n_emit + c]
+        return entries, new_state
+
+    def finish(self, raw: torch.Tensor, first_entry: int, cos_sin_fn, out_dtype: torch.dtype,
+               sim: bool, indexer: bool) -> torch.Tensor:
+        """raw [E, dim] fp32 entries first_entry.. -> stored entries [E, dim] (norm, RoPE at the
+        block start, and the activation-quantization simulation when `sim`)."""
+        e = self.norm(raw.to(out_dtype))
+        pos = (torch.arange(raw.shape[0], device=raw.device) + first_entry) * self.ratio
+        cos, sin = cos_sin_fn(pos)
+        e = apply_rope(e, cos, sin)
+        if sim:
+            if indexer:
+                e = quant.fp4_qdq(quant.hadamard(e.float()), block=32).to(out_dtype)
+            else:
+                r = cos.shape[-1] * 2
+                e = torch.cat([quant.fp8_qdq(e[..., :-r].float(), block=64).to(out_dtype), e[..., -r:]], dim=-1)
+        return e
+
+
+class Indexer(nn.Module):
+    """The lightning indexer of a CSA layer: scores queries against the indexer's own compressed keys
+    and keeps the top-k entries per query."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.index_n_heads
+        self.head_dim = cfg.index_head_dim
+        self.topk = cfg.index_topk
+        self.ratio = cfg.csa_ratio
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
+        self.weights_proj = Linear(cfg.dim, cfg.index_n_heads)
+        self.compressor = Compressor(cfg, cfg.csa_ratio, cfg.index_head_dim)
+
+    def queries(self, x: torch.Tensor, qa: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                sim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D], qa [T, q_lora] -> q [T, Hi, Di] fp32, head weights [T, Hi] fp32."""
+        q = self.wq_b(qa).view(qa.shape[0], self.n_heads, self.head_dim)
+        q = apply_rope(q, cos, sin).float()
+        if sim:
+            q = quant.fp4_qdq(quant.hadamard(q), block=32)
+        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return q, w
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+               block: int = 256) -> torch.Tensor:
+        """q [L, Hi, Di], w [L, Hi], keys [N, Di], positions [L] -> top-k entry ids [L, k] int64,
+        -1 where fewer than k entries are visible (entry j is visible iff (j+1)*ratio <= t+1).
+        Ties break by lower entry index."""
+        L, N = q.shape[0], keys.shape[0]
+        k = min(self.topk, N)
+        out = torch.full((L, max(k, 0)), -1, dtype=torch.int64, device=q.device)
+        if k == 0 or L == 0:
+            return out
+        kf = keys.float()
+        ent = torch.arange(N, device=q.device)
+        for s in range(0, L, block):
+            qb, wb, pb = q[s:s + block], w[s:s + block], positions[s:s + block]
+            score = torch.einsum("lhd,nd->lhn", qb, kf).relu_()
+            score = (score * wb.unsqueeze(-1)).sum(dim=1)                       # [l, N]
+            limit = (pb + 1) // self.ratio                                       # visible count
+            score = score.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
+            # ReLU makes exact ties (at 0) common; a stable sort breaks them by lower entry index, so
+            # a query's selection does not depend on how many later entries exist
+            top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
+            out[s:s + block] = torch.where(top >= limit[:, None], torch.full_like(top, -1), top)
+        return out

@@ -1,0 +1,200 @@
+"""The contract between the engine and the model: `CacheLayout`, `CachePools` and `ForwardBatch`.
+
+The model defines these types and the engine fills them, so the model never imports the engine.
+Owns: the shapes, dtypes and byte sizes of every cache pool, and slot/page copy primitives. Does not
+own: which pages or slots a sequence gets (the engine's block pool decides), nor any math.
+
+Cache state per layer and sequence (DESIGN.md section 4):
+- window ring of the last W raw kv vectors: a *slot* of `window[l]` (position p at row p % W);
+- compressor pending state as running softmax accumulators (max, sum, weighted sum per channel):
+  a slot of `state[l]` (CSA keeps two: the entry being built and the next one, because CSA windows
+  overlap) and, for CSA, `istate[l]` for the indexer's compressor;
+- compressed entries (append-only) in *pages* of `page_size` entries: `comp[l]`, and for CSA the
+  indexer keys `ikey[l]` (same page table as the CSA entries).
+Slots hold everything that is per-sequence and fixed-size; a snapshot is simply a slot that is not
+running (save = copy a running slot into a free slot, restore = the reverse). Pages are shared by
+reference; only a partly filled last page must be copied before two sequences append to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from batchv4.config import ModelConfig
+
+_ELT = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    cfg: ModelConfig
+    dtype: torch.dtype = torch.bfloat16
+    page_size: int = 64          # compressed entries per page
+    with_mtp: bool = False       # the MTP block's window ring, when MTP drafting is used
+
+    @property
+    def ratios(self) -> tuple[int, ...]:
+        """Distinct compression ratios, each with its own page table."""
+        return tuple(sorted({r for r in self.cfg.compress_ratios if r}))
+
+    def layers_of_ratio(self, ratio: int) -> list[int]:
+        return [i for i, r in enumerate(self.cfg.compress_ratios) if r == ratio]
+
+    def pages_for(self, ratio: int, num_tokens: int) -> int:
+        return -(-(num_tokens // ratio) // self.page_size)
+
+    # ---- bytes ------------------------------------------------------------------------------------
+    def bytes_per_page(self, ratio: int) -> int:
+        c = self.cfg
+        e = _ELT[self.dtype]
+        per_entry = c.head_dim * e + (c.index_head_dim * e if ratio == c.csa_ratio else 0)
+        return self.page_size * per_entry * len(self.layers_of_ratio(ratio))
+
+    def bytes_per_token(self) -> float:
+        """Paged bytes per cached token in this (bf16/fp32) layout."""
+        return sum(self.bytes_per_page(r) / (self.page_size * r) for r in self.ratios)
+
+    def bytes_per_slot(self) -> int:
+        c = self.cfg
+        e = _ELT[self.dtype]
+        n_win = c.n_layers + (1 if self.with_mtp else 0)
+        total = n_win * c.window_size * c.head_dim * e
+        for i in range(c.n_layers):
+            kind = c.layer_kind(i)
+            if kind == "csa":
+                total += 2 * 3 * c.head_dim * 4 + 2 * 3 * c.index_head_dim * 4
+            elif kind == "hca":
+                total += 3 * c.head_dim * 4
+        return total
+
+    bytes_per_snapshot = bytes_per_slot
+
+
+@dataclass
+class CachePools:
+    """The tensors of every pool, allocated from a layout. Indexed by main-layer index."""
+
+    layout: CacheLayout
+    num_slots: int
+    num_pages: dict[int, int]
+    window: list[torch.Tensor]                  # [num_slots, W, Dh] per layer (+ MTP at index n_layers)
+    comp: dict[int, torch.Tensor]               # layer -> [num_pages[ratio], P, Dh]
+    ikey: dict[int, torch.Tensor]               # CSA layer -> [num_pages[4], P, Di]
+    state: dict[int, torch.Tensor]              # layer -> [num_slots, c, 3, Dh] fp32 (c = 2 CSA, 1 HCA)
+    istate: dict[int, torch.Tensor]             # CSA layer -> [num_slots, 2, 3, Di] fp32
+
+    @classmethod
+    def allocate(cls, layout: CacheLayout, num_slots: int, num_pages: dict[int, int],
+                 device: torch.device | str = "cpu") -> "CachePools":
+        c = layout.cfg
+        P, W = layout.page_size, c.window_size
+        dt = layout.dtype
+        n_win = c.n_layers + (1 if layout.with_mtp else 0)
+        window = [torch.zeros(num_slots, W, c.head_dim, dtype=dt, device=device) for _ in range(n_win)]
+        comp, ikey, state, istate = {}, {}, {}, {}
+        for i in range(c.n_layers):
+            kind = c.layer_kind(i)
+            if kind == "window":
+                continue
+            r = c.compress_ratios[i]
+            comp[i] = torch.zeros(num_pages.get(r, 0), P, c.head_dim, dtype=dt, device=device)
+            nc = 2 if kind == "csa" else 1
+            state[i] = empty_accumulator(num_slots, nc, c.head_dim, device)
+            if kind == "csa":
+                ikey[i] = torch.zeros(num_pages.get(r, 0), P, c.index_head_dim, dtype=dt, device=device)
+                istate[i] = empty_accumulator(num_slots, 2, c.index_head_dim, device)
+        return cls(layout, num_slots, dict(num_pages), window, comp, ikey, state, istate)
+
+    def reset_slot(self, slot: int) -> None:
+        """A fresh sequence: empty pending state (the window is never read before it is written)."""
+        for t in list(self.state.values()) + list(self.istate.values()):
+            t[slot, :, 0] = float("-inf")
+            t[slot, :, 1:] = 0
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Snapshot save (running -> free slot) or restore (snapshot -> running slot)."""
+        for t in self.window:
+            t[dst].copy_(t[src])
+        for t in list(self.state.values()) + list(self.istate.values()):
+            t[dst].copy_(t[src])
+
+    def copy_page(self, ratio: int, src: int, dst: int) -> None:
+        """Copy-on-write of a partly filled page before a second sequence appends to it."""
+        for i, t in self.comp.items():
+            if self.layout.cfg.compress_ratios[i] == ratio:
+                t[dst].copy_(t[src])
+        for i, t in self.ikey.items():
+            if self.layout.cfg.compress_ratios[i] == ratio:
+                t[dst].copy_(t[src])
+
+    def nbytes(self) -> dict[str, int]:
+        slots = sum(t.numel() * t.element_size() for t in self.window)
+        slots += sum(t.numel() * t.element_size() for t in list(self.state.values()) + list(self.istate.values()))
+        pages = sum(t.numel() * t.element_size() for t in list(self.comp.values()) + list(self.ikey.values()))
+        return {"slots": slots, "pages": pages}
+
+
+def empty_accumulator(n: int, c: int, d: int, device) -> torch.Tensor:
+    """[n, c, 3, d] fp32 running-softmax accumulators: row 0 max (-inf), row 1 sum, row 2 weighted sum."""
+    t = torch.zeros(n, c, 3, d, dtype=torch.float32, device=device)
+    t[:, :, 0] = float("-inf")
+    return t
+
+
+@dataclass
+class ForwardBatch:
+    """Many sequences' new tokens, concatenated without padding.
+
+    Sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1]; its tokens sit at consecutive absolute
+    positions starting at start_pos[b] (the number of tokens already in its cache). Before the
+    forward, `restores` copy snapshot slots into running slots and `page_copies` copy partly
+    filled pages; after it, `saves` copy running slots into snapshot slots (the engine cuts chunks
+    so that a snapshot position is the end of a chunk).
+    """
+
+    token_ids: torch.Tensor                     # [T] int64
+    positions: torch.Tensor                     # [T] int64 absolute positions
+    cu_seqlens: list[int]                       # B+1 offsets into the T tokens
+    start_pos: list[int]                        # [B] first new position of each sequence
+    slots: list[int]                            # [B] window / pending-state slot of each sequence
+    page_tables: dict[int, torch.Tensor]        # ratio -> [B, max_pages] int64 page ids (-1 unused)
+    logits_indices: torch.Tensor                # [L] int64 rows of the T tokens that need logits
+    restores: list[tuple[int, int]] = field(default_factory=list)   # (snapshot slot, running slot)
+    saves: list[tuple[int, int]] = field(default_factory=list)      # (running slot, snapshot slot)
+    page_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (ratio, src page, dst page)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.start_pos)
+
+    @classmethod
+    def build(cls, seqs: list[tuple[list[int], int, int]], page_tables: dict[int, list[list[int]]],
+              logits_for: list[bool] | None = None, device: torch.device | str = "cpu",
+              **copies) -> "ForwardBatch":
+        """Convenience builder. seqs: (new token ids, start position, slot) per sequence;
+        page_tables[ratio][b] = page ids of sequence b; logits_for[b]: logits of b's last token."""
+        ids, pos, cu = [], [], [0]
+        for toks, p0, _ in seqs:
+            ids.extend(toks)
+            pos.extend(range(p0, p0 + len(toks)))
+            cu.append(len(ids))
+        if logits_for is None:
+            logits_for = [True] * len(seqs)
+        li = [cu[b + 1] - 1 for b in range(len(seqs)) if logits_for[b] and cu[b + 1] > cu[b]]
+        tables = {}
+        for r, rows in page_tables.items():
+            width = max([len(x) for x in rows] + [1])
+            t = torch.full((len(seqs), width), -1, dtype=torch.int64)
+            for b, row in enumerate(rows):
+                if row:
+                    t[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
+            tables[r] = t.to(device)
+        return cls(
+            token_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+            positions=torch.tensor(pos, dtype=torch.int64, device=device),
+            cu_seqlens=cu, start_pos=[p for _, p, _ in seqs], slots=[s for _, _, s in seqs],
+            page_tables=tables, logits_indices=torch.tensor(li, dtype=torch.int64, device=device),
+            **copies,
+        )

@@ -1,0 +1,148 @@
+"""V4's MoE: sqrt-softplus gate (bias used only to select), hash routing by token id for the first
+layers, clamped SwiGLU experts stacked per layer, and the shared expert.
+
+Owns: routing and the expert math in three forms — `forward_reference` (a loop over tokens and their
+experts: the oracle), the grouped torch path (tokens sorted by expert), and the fused Triton kernel
+on CUDA devices. Does not own: weight loading or quantized formats (`checkpoint.py`, `quant.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchv4.config import ModelConfig
+from batchv4.model import quant
+from batchv4.model.layers import Linear
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig, hash_routed: bool) -> None:
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.hash = hash_routed
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        if hash_routed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.int64))
+            self.bias = None
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D], token_ids [T] -> weights [T, k] fp32, expert ids [T, k] int64."""
+        logits = F.linear(x.float(), self.weight.float())
+        if self.score_func == "sqrtsoftplus":
+            scores = torch.sqrt(F.softplus(logits))
+        elif self.score_func == "sigmoid":
+            scores = torch.sigmoid(logits)
+        else:
+            scores = torch.softmax(logits, dim=-1)
+        if self.hash:
+            ids = self.tid2eid[token_ids].long()
+        else:
+            ids = torch.topk(scores + self.bias.float(), self.topk, dim=-1).indices
+        w = scores.gather(1, ids)
+        if self.score_func != "softmax":
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.route_scale, ids
+
+
+class Experts(nn.Module):
+    """Routed experts stacked: w1/w3 [E, I, D] (gate/up), w2 [E, D, I] (down). Float weights, or
+    resident FP8 ([E, I, D] e4m3 + block scales) / FP4 (packed uint8 [E, I, D/2] + per-32 scales)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, I, D = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
+        self.limit = cfg.swiglu_limit
+        self.w1 = nn.Parameter(torch.empty(E, I, D))
+        self.w3 = nn.Parameter(torch.empty(E, I, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, I))
+        for n in ("w1_scale", "w2_scale", "w3_scale"):
+            self.register_buffer(n, None)
+
+    def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        w = getattr(self, name)[e]
+        scale = getattr(self, f"{name}_scale")
+        if w.dtype == torch.uint8 or w.dtype == torch.int8:
+            return quant.dequant_fp4(w, scale[e]).to(dtype)
+        if w.dtype == torch.float8_e4m3fn:
+            return quant.dequant_fp8_block(w, scale[e]).to(dtype)
+        return w if w.dtype == dtype else w.to(dtype)
+
+    def expert(self, x: torch.Tensor, e: int, weight: torch.Tensor | None) -> torch.Tensor:
+        """x [n, D] through expert e -> [n, D] fp32; weight [n] fp32 multiplies the SwiGLU output."""
+        dt = x.dtype
+        g = F.linear(x, self.expert_weight("w1", e, dt)).float().clamp(max=self.limit)
+        u = F.linear(x, self.expert_weight("w3", e, dt)).float().clamp(-self.limit, self.limit)
+        h = F.silu(g) * u
+        if weight is not None:
+            h = h * weight[:, None]
+        return F.linear(h.to(dt), self.expert_weight("w2", e, dt)).float()
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Grouped path: x [T, D], weights/ids [T, k] -> [T, D] fp32."""
+        T, k = ids.shape
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        tok = order // k
+        wsorted = weights.reshape(-1)[order]
+        y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            t = tok[start:start + n]
+            y.index_add_(0, t, self.expert(x[t], e, wsorted[start:start + n]))
+            start += n
+        return y
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.limit = cfg.swiglu_limit
+        self.w1 = Linear(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts)
+        self.w3 = Linear(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts)
+        self.w2 = Linear(cfg.moe_inter_dim * cfg.n_shared_experts, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D] fp32 (clamped like the routed experts: the post-release behaviour)."""
+        g = self.w1(x).float().clamp(max=self.limit)
+        u = self.w3(x).float().clamp(-self.limit, self.limit)
+        return self.w2((F.silu(g) * u).to(x.dtype)).float()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, hash_routed: bool) -> None:
+        super().__init__()
+        self.gate = Gate(cfg, hash_routed)
+        self.experts = Experts(cfg)
+        self.shared_experts = SharedExpert(cfg)
+        self.use_kernels = False  # the fused Triton MoE, when the weights live on a CUDA device
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D], token_ids [T] -> [T, D] in x.dtype."""
+        w, ids = self.gate(x, token_ids)
+        if self.use_kernels and x.is_cuda:
+            from batchv4.kernels.moe import fused_moe
+
+            ex = self.experts
+            routed = fused_moe(x, ids, w, ex.w1, ex.w3, ex.w2, ex.limit,
+                               w1_scale=ex.w1_scale, w3_scale=ex.w3_scale, w2_scale=ex.w2_scale).float()
+        else:
+            routed = self.experts(x, w, ids)
+        return (routed + self.shared_experts(x)).to(x.dtype)
+
+    def forward_reference(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The oracle: every token through each of its experts one at a time."""
+        w, ids = self.gate(x, token_ids)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for t in range(x.shape[0]):
+            for j in range(ids.shape[1]):
+                y[t] += self.experts.expert(x[t:t + 1], int(ids[t, j]), w[t, j:j + 1])[0]
+        return (y + self.shared_experts(x)).to(x.dtype)

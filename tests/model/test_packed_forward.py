@@ -1,0 +1,92 @@
+"""The packed forward (ForwardBatch over cache pools) against the one-sequence reference forward:
+full prefill, uneven chunks, token-by-token decode, several sequences per call, snapshots."""
+
+import pytest
+import torch
+
+from batchv4.config import ModelConfig
+from batchv4.model.model import Transformer
+from cache_harness import Harness
+
+LENGTHS = [1, 3, 4, 5, 8, 9, 15, 16, 17, 20, 37, 64, 70]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(ModelConfig.load("test")).float().init_random(0, std=0.1)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 512, (80,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.fixture(scope="module")
+def ref(model, ids):
+    return model.forward_reference(torch.tensor(ids[:70]))          # [70, V]
+
+
+def test_full_prefill_every_length(model, ids, ref):
+    for n in LENGTHS:
+        h = Harness(model)
+        out = h.step([(0, ids[:n])])[0]
+        assert (out - ref[n - 1]).abs().max() < TOL, n
+
+
+@pytest.mark.parametrize("chunks", [[21, 29, 20], [1, 1, 2, 5, 3, 16, 17, 25], [7, 9, 54], [64, 6]])
+def test_chunked_prefill(model, ids, ref, chunks):
+    h = Harness(model)
+    p = 0
+    for c in chunks:
+        out = h.step([(0, ids[p:p + c])])[0]
+        p += c
+        assert (out - ref[p - 1]).abs().max() < TOL, p
+
+
+@pytest.mark.parametrize("prefill", [1, 5, 16, 33])
+def test_prefill_then_decode(model, ids, ref, prefill):
+    h = Harness(model)
+    out = h.step([(0, ids[:prefill])])[0]
+    assert (out - ref[prefill - 1]).abs().max() < TOL
+    for p in range(prefill, 70):
+        out = h.step([(0, ids[p:p + 1])])[0]
+        assert (out - ref[p]).abs().max() < TOL, p
+
+
+def test_two_sequences_one_call(model, ids):
+    other = ids[::-1][:37]
+    ref_b = model.forward_reference(torch.tensor(other))
+    ref_a = model.forward_reference(torch.tensor(ids[:50]))
+    h = Harness(model)
+    out = h.step([(0, ids[:20]), (1, other[:9])])
+    assert (out[0] - ref_a[19]).abs().max() < TOL and (out[1] - ref_b[8]).abs().max() < TOL
+    out = h.step([(1, other[9:37]), (0, ids[20:21])])
+    assert (out[0] - ref_b[36]).abs().max() < TOL and (out[1] - ref_a[20]).abs().max() < TOL
+    out = h.step([(0, ids[21:50]), (1, [other[0]])])   # seq 1 continues with a token of our choice
+    assert (out[0] - ref_a[49]).abs().max() < TOL
+    ref_b2 = model.forward_reference(torch.tensor(other[:37] + [other[0]]))
+    assert (out[1] - ref_b2[-1]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("split", [3, 16, 18, 33])
+def test_snapshot_restore_mid_prompt(model, ids, split):
+    """A snapshot saved at `split` and restored into another sequence that continues differently
+    equals computing that sequence's whole prompt from scratch."""
+    tail = [7, 99, 3, 250, 11, 42, 5, 17, 301, 2, 77, 13, 8, 400, 9, 1, 66, 31, 12, 500, 4, 6]
+    h = Harness(model)
+    h.step([(0, ids[:split])], saves=[(0, 5)])             # save seq 0's state into slot 5
+    h.step([(0, ids[split:split + 30])])                  # seq 0 goes on and changes its slot
+    h.length[2] = split
+    h.tables[2] = {}
+    for r in h.layout.ratios:
+        pages = list(h.tables[0][r][: h.layout.pages_for(r, split)])
+        if (split // r) % h.layout.page_size and pages:
+            new = h.next_page[r]
+            h.next_page[r] += 1
+            h.pools.copy_page(r, pages[-1], new)
+            pages[-1] = new
+        h.tables[2][r] = pages
+    out = h.step([(2, tail)], restores=[(5, 2)])[0]
+    want = model.forward_reference(torch.tensor(ids[:split] + tail))[-1]
+    assert (out - want).abs().max() < TOL
