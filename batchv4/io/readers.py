@@ -11,7 +11,9 @@ scan would abort on the first malformed line); Parquet through pyarrow on fsspec
 from __future__ import annotations
 
 import json
+import lzma
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +107,11 @@ class InputSource:
         except (OSError, ValueError) as e:
             raise OSError(f"cannot list {redact_url(url)}: {first_line(e)}") from e
         self.format = _normalize_format(fmt) if fmt else self._detect()
+        if len(self.files) > 1:
+            # a folder or glob mixing formats: keep the files whose extension names the format
+            suffixes = _DATA_SUFFIXES["parquet" if self.format == "parquet" else "jsonl"]
+            matching = [p for p in self.files if _strip_compression(p.lower()).endswith(suffixes)]
+            self.files = matching or self.files
 
     # -- format detection ---------------------------------------------------------------------
     def _detect(self) -> str:
@@ -112,6 +119,8 @@ class InputSource:
         try:
             with self._fs.open(first, "rb") as f:
                 magic = f.read(4)
+        except FileNotFoundError as e:
+            raise InputNotFoundError(f"input not found: {self._name(first)}") from e
         except OSError as e:
             raise OSError(f"cannot read {self._name(first)}: {first_line(e)}") from e
         if magic == b"PAR1":
@@ -213,7 +222,7 @@ class InputSource:
                     yield _parse_line(line, index, f"{name} line {lineno}")
                     index += 1
                     emitted += 1
-        except OSError as e:
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # EOFError: a truncated .gz
             raise OSError(f"cannot read {name}: {first_line(e)}") from e
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from batchv4.io.readers import RawRow
 from batchv4.tokenizer import normalize_messages
 
+_OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|\{|\}")
 
 
@@ -128,7 +129,9 @@ def check_columns(spec: RowSpec, columns: Iterable[str], fmt: str | None = None)
         elif "prompt" in cols:
             spec = replace(spec, prompt_column="prompt")
         else:
-            raise ValueError(f"no prompt column: pass --prompt-column, --messages-column or --template; available columns: {available}")
+            raise ValueError(
+                f"no prompt column: pass --prompt-column, --messages-column or --template; available columns: {available}"
+            )
     named = [
         ("--prompt-column", spec.prompt_column),
         ("--messages-column", spec.messages_column),
@@ -226,6 +229,9 @@ def _row_id(spec: RowSpec, data: Mapping[str, Any], index: int) -> str:
 
 def _messages(spec: RowSpec, data: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     if spec.openai_batch:
+        endpoint = data.get("url")
+        if endpoint is not None and endpoint not in _OPENAI_ENDPOINTS:
+            raise ValueError(f"url: unsupported endpoint {endpoint!r} (expected {' or '.join(_OPENAI_ENDPOINTS)})")
         body = data.get("body")
         if not isinstance(body, Mapping):
             raise ValueError("body: expected an object")
@@ -266,16 +272,21 @@ def build_request(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
     try:
         row_id = _row_id(spec, data, row.index)
     except ValueError as e:
-        return RowError(row.index, None, str(e), row.raw if row.raw is not None else _dump(data))
+        return RowError(row.index, None, _reason(e), row.raw if row.raw is not None else _dump(data))
     try:
         raw_messages, params = _messages(spec, data)
         messages = normalize_messages(raw_messages)
         if spec.system is not None:
             messages = [{"role": "system", "content": spec.system}, *messages]
     except ValueError as e:
-        return RowError(row.index, row_id, str(e).splitlines()[0], row.raw if row.raw is not None else _dump(data))
+        return RowError(row.index, row_id, _reason(e), row.raw if row.raw is not None else _dump(data))
     keep = {c: data.get(c) for c in spec.keep_columns}
     return RowRequest(row.index, row_id, messages, params, keep, content_hash(messages, params))
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _dump(data: Mapping[str, Any]) -> str:

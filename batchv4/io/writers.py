@@ -183,7 +183,10 @@ def _read_listed(
     if not tables:
         schema = pa.schema([empty.field(c) for c in columns]) if columns is not None else empty
         return schema.empty_table()
-    return pa.concat_tables(tables, promote_options="permissive")
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as e:
+        raise ValueError(f"the parts of {redact_url(out_url)} have incompatible schemas: {first_line(e)}") from e
 
 
 def read_output_parts(

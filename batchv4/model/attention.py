@@ -79,6 +79,14 @@ class Attention(nn.Module):
         p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
         return torch.einsum("lhk,lkd->lhd", p, keys.float()).to(q.dtype)
 
+    def _sdpa_shared(self, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q [l, H, Dh]; keys [n, Dh] shared by the l queries; bias [l, n] -> [l, H, Dh]."""
+        kf = keys.float()
+        s = torch.einsum("lhd,nd->lhn", q.float(), kf) * self.scale + bias[:, None, :]
+        sink = self.attn_sink.float().view(1, -1, 1).expand(s.shape[0], -1, 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+        return torch.einsum("lhn,nd->lhd", p, kf).to(q.dtype)
+
     # ---- the oracle ------------------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """One sequence, positions 0..S-1, dense masks. x [S, D] -> [S, D]."""
@@ -133,38 +141,38 @@ class Attention(nn.Module):
             # window keys: earlier positions from the ring, this chunk's from kv
             n_old = min(W - 1, p0)
             old_pos = torch.arange(p0 - n_old, p0, device=x.device)
-            keys_w = torch.cat([ring[slot, old_pos % W], kv[r0:r1]])                    # [n_old+L, Dh]
-            rel = torch.arange(L, device=x.device)[:, None] + torch.arange(W, device=x.device)[None, :] \
-                + n_old - (W - 1)                                                       # [L, W]
-            valid = rel >= 0
-            kw = keys_w[rel.clamp(min=0)]                                               # [L, W, Dh]
-            bias_w = torch.zeros(L, W, device=x.device).masked_fill(~valid, float("-inf"))
-            comp_keys = comp_bias = None
+            keys_w = torch.cat([ring[slot, old_pos % W].to(kv.dtype), kv[r0:r1]])       # [n_old+L, Dh]
+            comp_all = comp_bias = None
             if self.ratio:
                 table = fb.page_tables[self.ratio][b]
                 self._extend(self.compressor, pools.comp[layer], pools.state[layer], a[r0:r1], g[r0:r1],
                              p0, slot, table, P, indexer=False)
                 n_ent = (p0 + L) // self.ratio
                 ent = torch.arange(n_ent, device=x.device)
-                comp_all = pools.comp[layer][table[ent // P], ent % P]                  # [N, Dh]
+                comp_all = pools.comp[layer][table[ent // P], ent % P].to(kv.dtype)      # [N, Dh]
+                visible = ent[None, :] < ((pos + 1) // self.ratio)[:, None]             # [L, N]
                 if self.kind == "csa":
                     self._extend(self.indexer.compressor, pools.ikey[layer], pools.istate[layer],
                                  ia[r0:r1], ig[r0:r1], p0, slot, table, P, indexer=True)
                     ikeys = pools.ikey[layer][table[ent // P], ent % P]
                     sel = self.indexer.select(qi[r0:r1], wi[r0:r1], ikeys, pos)         # [L, k]
-                    comp_keys = comp_all[sel.clamp(min=0)] if n_ent else kv.new_zeros(L, 0, self.head_dim)
-                    comp_bias = torch.zeros(sel.shape, device=x.device).masked_fill(sel < 0, float("-inf"))
-                else:
-                    vis = ent[None, :] < ((pos + 1) // self.ratio)[:, None]              # [L, N]
-                    comp_bias = torch.zeros(vis.shape, device=x.device).masked_fill(~vis, float("-inf"))
+                    chosen = torch.zeros(L, n_ent + 1, dtype=torch.bool, device=x.device)
+                    chosen.scatter_(1, torch.where(sel >= 0, sel, n_ent), True)
+                    visible = visible & chosen[:, :n_ent]
+                comp_bias = torch.zeros(visible.shape, device=x.device).masked_fill(~visible, float("-inf"))
             for s in range(0, L, qblock):
                 e = min(L, s + qblock)
-                keys, bias = kw[s:e], bias_w[s:e]
-                if comp_bias is not None:
-                    ck = comp_keys[s:e] if comp_keys is not None else comp_all.unsqueeze(0).expand(e - s, -1, -1)
-                    keys = torch.cat([keys, ck.to(keys.dtype)], dim=1)
+                # the band of window keys these queries see is one contiguous slice
+                k0, k1 = max(0, s + n_old - (W - 1)), e + n_old
+                kpos = torch.arange(k0, k1, device=x.device) + (p0 - n_old)
+                qpos = pos[s:e]
+                band = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - W)
+                keys = keys_w[k0:k1]
+                bias = torch.zeros(band.shape, device=x.device).masked_fill(~band, float("-inf"))
+                if comp_all is not None:
+                    keys = torch.cat([keys, comp_all])
                     bias = torch.cat([bias, comp_bias[s:e]], dim=1)
-                out[r0 + s:r0 + e] = self._sdpa(q[r0 + s:r0 + e], keys, bias)
+                out[r0 + s:r0 + e] = self._sdpa_shared(q[r0 + s:r0 + e], keys, bias)
             # the ring keeps the last W positions
             keep = min(W, L)
             ring[slot, pos[L - keep:] % W] = kv[r1 - keep:r1].to(ring.dtype)

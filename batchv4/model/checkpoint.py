@@ -9,12 +9,13 @@ Does not own: the tensor inventory and name maps (`inventory.py`), the number fo
 (`quant.py`), or writing checkpoints (`checkpoint_writer.py`).
 
 Safetensors are read through `safe_open` only (never pickle), one tensor at a time, so the extra
-host memory is about one tensor, not the model.
+host memory is about one tensor (plus the mapped pages of at most two open shards), not the model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -91,25 +92,23 @@ def _scale_name(weight_name: str) -> str:
     return weight_name[: -len("weight")] + "scale"
 
 
-def _model_targets(model: nn.Module) -> tuple[dict[str, _Target], set[str]]:
+def _model_targets(model: nn.Module) -> dict[str, _Target]:
     """Main tensors of the model (name -> logical shape); scale slots and aliases excluded."""
     sd = model.state_dict(keep_vars=True)
     seen: dict[int, str] = {}
     targets: dict[str, _Target] = {}
-    scales = set()
     for name, t in sd.items():
         if id(t) in seen:  # a shared module (e.g. MTP's embed/head): loaded through its first name
             continue
         seen[id(t)] = name
         if name.endswith("_scale") and _STACKED.search(name[: -len("_scale")]) or \
                 name.endswith(".scale") and name[: -len("scale")] + "weight" in sd:
-            scales.add(name)
-            continue
+            continue  # filled together with its weight
         shape = tuple(t.shape)
         if _STACKED.search(name) and t.dtype in (torch.uint8, torch.int8):
             shape = (*shape[:-1], shape[-1] * 2)  # packed FP4 in the model: two values per byte
         targets[name] = _Target(name, shape)
-    return targets, scales
+    return targets
 
 
 def _layer_map(targets: dict[str, _Target], layers: list[int] | None) -> dict[int, int] | None:
@@ -128,11 +127,12 @@ def _layer_map(targets: dict[str, _Target], layers: list[int] | None) -> dict[in
 def _ours_name(key: str, layout: str) -> tuple[str | None, object, str]:
     """Checkpoint key -> ("ours" weight name or None, slot, 'weight' | 'scale')."""
     if layout == "hf":
+        if (name := hf_to_ours(key)) is not None:
+            return name, None, "weight"
         for suffix in (".weight_scale_inv", ".scale"):
             if key.endswith(suffix):
-                name = hf_to_ours(key[: -len(suffix)] + ".weight")
-                return name, None, "scale"
-        return hf_to_ours(key), None, "weight"
+                return hf_to_ours(key[: -len(suffix)] + ".weight"), None, "scale"
+        return None, None, "weight"
     name = reverted_to_official(key) if layout == "hf-reverted" else key
     m = _EXPERT.match(name)
     if m:
@@ -173,19 +173,21 @@ def _piece_problem(p: _Piece, shape: tuple[int, ...]) -> str | None:
 
 
 def _checkpoint_cfg(path: str, model: nn.Module) -> ModelConfig | None:
+    """The checkpoint directory's own config when it has a readable one, else the model's."""
+    if os.path.isdir(path):
+        try:
+            return ModelConfig.load(path)
+        except (ConfigError, OSError, ValueError, KeyError, TypeError):
+            pass
     cfg = getattr(model, "cfg", None)
-    try:
-        disk = ModelConfig.load(path)
-    except (ConfigError, OSError, ValueError, KeyError, TypeError):
-        disk = None
-    return disk if disk is not None else cfg if isinstance(cfg, ModelConfig) else None
+    return cfg if isinstance(cfg, ModelConfig) else None
 
 
 def _plan(model: nn.Module, infos: dict[str, TensorInfo], layout: str, layers: list[int] | None,
           strict: bool, dspark: bool, report: LoadReport) -> tuple[dict[str, _Target], set[str]]:
     """Match checkpoint tensors to model tensors; raise on missing, unexpected or misshapen ones.
     Returns the targets and the model names deliberately left unloaded (a skipped draft module)."""
-    targets, _ = _model_targets(model)
+    targets = _model_targets(model)
     lmap = _layer_map(targets, layers)
     unexpected: list[str] = []
     mtp_bad: list[str] = []
@@ -245,23 +247,22 @@ def _plan(model: nn.Module, infos: dict[str, TensorInfo], layout: str, layers: l
                 missing.append(_ckpt_name(t.name, slot, layout))
             elif (why := _piece_problem(p, shape)) is not None:
                 (mtp_bad if t.name.startswith("mtp.") else misshapen).append(why)
-    left = set()
+    left: set[str] = set()
     model_mtp = [n for n in targets if n.startswith("mtp.")]
-    mtp_missing = [n for n in missing if n.startswith("mtp.")]
-    if dspark or mtp_bad or (model_mtp and mtp_keys and len(mtp_missing) == len(model_mtp)):
+    if mtp_keys and not model_mtp:
+        (log.warning if dspark else log.info)(
+            "the model has no MTP block; %d mtp.* tensors skipped%s", len(mtp_keys),
+            " (a DSpark draft module)" if dspark else "")
+        report.skipped.extend(mtp_keys)
+    elif model_mtp and (dspark or mtp_bad or not mtp_keys):
         if mtp_keys:
-            log.warning("checkpoint's mtp.* (%d tensors) is not the classic MTP block (%s); skipped, "
-                        "the main model loads%s", len(mtp_keys), "DSpark draft" if dspark else
-                        f"e.g. {(mtp_bad or mtp_keys)[0]}",
-                        "; the model's mtp.* stays unloaded (build it with n_mtp_layers=0)" if model_mtp else "")
+            log.warning("checkpoint's mtp.* (%d tensors) is not the classic MTP block (%s); skipped, the main "
+                        "model loads; the model's mtp.* stays unloaded (build it with n_mtp_layers=0)",
+                        len(mtp_keys), "a DSpark draft" if dspark else f"e.g. {mtp_bad[0]}")
+        else:
+            log.warning("checkpoint has no MTP block; the model's mtp.* stays unloaded")
         report.skipped.extend(mtp_keys)
         left = set(model_mtp)
-    elif model_mtp and not mtp_keys:
-        log.warning("checkpoint has no MTP block; the model's mtp.* stays unloaded")
-        left = set(model_mtp)
-    elif mtp_keys and not model_mtp:
-        log.info("the model has no MTP block; %d mtp.* tensors skipped", len(mtp_keys))
-        report.skipped.extend(mtp_keys)
     if left:
         missing = [n for n in missing if not n.startswith("mtp.")]
         for n in left:
@@ -298,25 +299,37 @@ def _check_tid2eid(name: str, t: torch.Tensor, n_experts: int | None) -> None:
 
 def _convert(w: torch.Tensor, s: torch.Tensor | None, name: str, dtype: torch.dtype, keep: bool,
              device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Raw checkpoint tensor (+ scale) -> (model tensor, float32 scale or None) on `device`."""
+    """Raw checkpoint tensor (+ scale) -> (model tensor, float32 scale or None) on `device`, in
+    memory of its own: safetensors hands out views of the file's mmap, which must not outlive it."""
+    raw = w
     w = w.to(device)
     if w.dtype == torch.float8_e4m3fn:
         s = quant.scale_to_float(s.to(device))
-        return (w, s) if keep else (quant.dequant_fp8_block(w, s).to(dtype), None)
-    if w.dtype in (torch.int8, torch.uint8):
+        out, sc = (w, s) if keep else (quant.dequant_fp8_block(w, s).to(dtype), None)
+    elif w.dtype in (torch.int8, torch.uint8):
         s = quant.scale_to_float(s.to(device))
-        return (w.view(torch.uint8), s) if keep else (quant.dequant_fp4(w, s).to(dtype), None)
-    if not w.is_floating_point():
-        return w.to(torch.int64), None
-    return w.to(torch.float32 if is_f32_tensor(name) else dtype), None
+        out, sc = (w.view(torch.uint8), s) if keep else (quant.dequant_fp4(w, s).to(dtype), None)
+    elif not w.is_floating_point():
+        out, sc = w.to(torch.int64), None
+    else:
+        out, sc = w.to(torch.float32 if is_f32_tensor(name) else dtype), None
+    if out.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+        out = out.clone()
+    return out, sc
 
 
 def load_checkpoint(model: nn.Module, path: str, *, layers: list[int] | None = None,
                     dtype: torch.dtype = torch.bfloat16, keep_quantized: bool = False,
                     device: str | torch.device = "cpu", strict: bool = True) -> LoadReport:
     """Fill `model` (usually built on the meta device) from the checkpoint at `path` (a directory
-    of `*.safetensors` shards, or one file). Everything is validated from the headers before any
-    tensor is read. Returns what was read and what was skipped."""
+    of `*.safetensors` shards, or one file) and return what was read and what was skipped.
+
+    Names and shapes are validated from the headers before any tensor is read. Quantized tensors
+    are dequantized to `dtype` (fp32-role tensors stay fp32), or with `keep_quantized` assigned raw
+    with a float32 `scale` / `w*_scale` buffer. `layers` loads a subset of the main layers (the model
+    holds exactly those). strict=False tolerates missing and unexpected tensors (logged); misshapen
+    ones, and model tensors left on the meta device, always fail.
+    """
     infos, files = read_headers(path)
     layout = detect_layout(list(infos))
     report = LoadReport(layout=layout, files=len(files))
@@ -359,7 +372,7 @@ def load_checkpoint(model: nn.Module, path: str, *, layers: list[int] | None = N
             if name.endswith("tid2eid"):
                 _check_tid2eid(p.weight.name, w, n_experts)
             tw, ts = _convert(w, s, name, dtype, keep_quantized, device)
-            n_slots = targets[name].shape[0]
+            n_slots = targets[name].shape[0] if slot is not None else 0
             put(name, slot, tw, n_slots)
             if ts is not None:
                 put(_scale_name(name), slot, ts, n_slots)

@@ -71,35 +71,34 @@ class Compressor(nn.Module):
         a, g [L, c*dim] fp32; state [c, 3, dim] fp32 accumulators of entries p0//m .. p0//m+c-1.
         Returns (raw entries [E, dim] completed by these tokens: indices p0//m .. (p0+L)//m - 1,
         new state [c, 3, dim] for entries (p0+L)//m ..).
+
+        The chunk is laid out on the block grid (padding with gate -inf), so per-block statistics
+        are plain reductions; they are merged with the carried state and, for CSA, with the
+        previous block's first-half statistics.
         """
         m, d, c = self.ratio, self.dim, self.n_acc
         L = a.shape[0]
         base = p0 // m
-        blk = (torch.arange(L, device=a.device) + p0) // m - base                  # [L]
+        off = p0 - base * m
+        nblk = -(-(off + L) // m)
+        G = a.new_full((nblk * m, a.shape[1]), float("-inf"))
+        A = a.new_zeros((nblk * m, a.shape[1]))
+        G[off:off + L], A[off:off + L] = g, a
+        G, A = G.view(nblk, m, -1), A.view(nblk, m, -1)
         if self.overlap:
-            idx = torch.cat([blk, blk + 1])
-            vals = torch.cat([a[:, d:], a[:, :d]])
-            gates = torch.cat([g[:, d:], g[:, :d]])
+            cur = _block_stats(G[..., d:], A[..., d:])                      # B half -> entry b
+            nxt = _block_stats(G[..., :d], A[..., :d])                      # A half -> entry b+1
+            # entry base+i gets the B half of block i and the A half of block i-1
+            shifted = torch.cat([_empty_stats(1, d, a.device), nxt], dim=0)  # [nblk+1, 3, d]
+            stats = _merge(torch.cat([cur, _empty_stats(1, d, a.device)], dim=0), shifted)
         else:
-            idx, vals, gates = blk, a, g
-        n_acc = int(blk[-1]) + c + 1 if L else c + 1
-        mx = torch.full((n_acc, d), float("-inf"), device=a.device)
-        mx[:c] = state[:, 0]
-        if L:
-            mx.scatter_reduce_(0, idx[:, None].expand(-1, d), gates, reduce="amax", include_self=True)
-        s = torch.zeros(n_acc, d, device=a.device)
-        acc = torch.zeros(n_acc, d, device=a.device)
-        old_m = state[:, 0]
-        keep = torch.where(torch.isinf(old_m), torch.zeros_like(old_m), torch.exp(old_m - mx[:c]))
-        s[:c] = state[:, 1] * keep
-        acc[:c] = state[:, 2] * keep
-        if L:
-            w = torch.exp(gates - mx[idx])
-            s.index_add_(0, idx, w)
-            acc.index_add_(0, idx, w * vals)
+            stats = torch.cat([_block_stats(G, A), _empty_stats(1, d, a.device)], dim=0)
+        stats[:c] = _merge(stats[:c], state)
         n_emit = (p0 + L) // m - base
-        entries = acc[:n_emit] / s[:n_emit]
-        new_state = torch.stack([mx, s, acc], dim=1)[n_emit:n_emit + c]
+        entries = stats[:n_emit, 2] / stats[:n_emit, 1]
+        new_state = stats[n_emit:n_emit + c]
+        if new_state.shape[0] < c:
+            new_state = torch.cat([new_state, _empty_stats(c - new_state.shape[0], d, a.device)])
         return entries, new_state
 
     def finish(self, raw: torch.Tensor, first_entry: int, cos_sin_fn, out_dtype: torch.dtype,
@@ -117,6 +116,29 @@ class Compressor(nn.Module):
                 r = cos.shape[-1] * 2
                 e = torch.cat([quant.fp8_qdq(e[..., :-r].float(), block=64).to(out_dtype), e[..., -r:]], dim=-1)
         return e
+
+
+def _empty_stats(n: int, d: int, device) -> torch.Tensor:
+    t = torch.zeros(n, 3, d, device=device)
+    t[:, 0] = float("-inf")
+    return t
+
+
+def _block_stats(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """g, a [nblk, m, d] (gate -inf = no token) -> [nblk, 3, d]: max, sum of exp, weighted sum."""
+    mx = g.amax(dim=1)                                                        # [nblk, d]
+    safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    w = torch.exp(g - safe[:, None])
+    return torch.stack([mx, w.sum(dim=1), (w * a).sum(dim=1)], dim=1)
+
+
+def _merge(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Merge running-softmax accumulators [n, 3, d] (an empty one has max -inf and zero sums)."""
+    mx = torch.maximum(x[:, 0], y[:, 0])
+    safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    fx = torch.where(torch.isinf(x[:, 0]), torch.zeros_like(mx), torch.exp(x[:, 0] - safe))
+    fy = torch.where(torch.isinf(y[:, 0]), torch.zeros_like(mx), torch.exp(y[:, 0] - safe))
+    return torch.stack([mx, x[:, 1] * fx + y[:, 1] * fy, x[:, 2] * fx + y[:, 2] * fy], dim=1)
 
 
 class Indexer(nn.Module):

@@ -1,5 +1,5 @@
 """What a DeepSeek-V4 checkpoint contains: every tensor's name, shape and on-disk dtype, derived from a
-ModelConfig, and the renaming between the three name dialects.
+ModelConfig, and the renaming between the name dialects.
 
 Dialects: "official" (the reference module names, no `model.` prefix, one tensor per routed expert),
 "hf" (transformers' `DeepseekV4ForCausalLM` names, experts stacked as `gate_up_proj`/`down_proj`,
@@ -129,8 +129,10 @@ def expected_inventory(cfg: ModelConfig, layout: str = "official") -> dict[str, 
     """Every tensor of a checkpoint of `cfg`: name -> (shape, safetensors dtype string).
 
     layout "official": the released files (FP8 linears with `.scale`, FP4/FP8 per-expert tensors,
-    MTP included, `mtp.0.embed/head` absent). layout "hf": transformers' names, unquantized (BF16,
-    F32 and I64 as the roles say), experts stacked, no MTP.
+    MTP included, `mtp.0.embed/head` absent; FP8 experts, as in -Base checkpoints, carry F32 block
+    scales). With weight_dtype "bf16" linears and experts are BF16 without scales, while the F32 and
+    I64 tensors keep their dtypes. layout "hf": transformers' names, unquantized, experts stacked,
+    no MTP.
     """
     if layout not in ("official", "hf"):
         raise ValueError(f"unknown checkpoint layout {layout!r} (official or hf)")

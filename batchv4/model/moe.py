@@ -84,22 +84,25 @@ class Experts(nn.Module):
         return F.linear(h.to(dt), self.expert_weight("w2", e, dt)).float()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Grouped path: x [T, D], weights/ids [T, k] -> [T, D] fp32."""
+        """Grouped path: x [T, D], weights/ids [T, k] -> [T, D] fp32. Token slots are sorted by
+        expert, each expert runs once over its slots, and the k results per token are gathered back
+        and summed (no scatter-add, which is slow and serial on CPUs)."""
         T, k = ids.shape
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
         tok = order // k
         wsorted = weights.reshape(-1)[order]
-        y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        xs = x[tok]                                                              # [T*k, D]
+        ys = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            t = tok[start:start + n]
-            y.index_add_(0, t, self.expert(x[t], e, wsorted[start:start + n]))
-            start += n
-        return y
+            if n:
+                ys[start:start + n] = self.expert(xs[start:start + n], e, wsorted[start:start + n])
+                start += n
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return ys[inverse].view(T, k, -1).sum(dim=1)
 
 
 class SharedExpert(nn.Module):

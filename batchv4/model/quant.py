@@ -99,7 +99,8 @@ def quant_fp8_block(w: torch.Tensor, block: int = 128, scale_format: str = "e8m0
     blocks = wf.reshape(*lead, (o + po) // block, block, (i + pi) // block, block)
     amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(2.0 ** -126)      # [..., O/b, I/b] fp32
     if scale_format == "e8m0":
-        s = _pow2(_log2_ceil(amax / FP8_MAX))
+        # the smallest ue8m0 scale 2^-127 still covers any block this tiny (all-zero blocks included)
+        s = _pow2(_log2_ceil(amax / FP8_MAX).clamp(-127, 127))
         stored = float_to_e8m0(s)
     else:
         s = amax / FP8_MAX

@@ -18,7 +18,11 @@ _DIGEST_BYTES = 8
 _PERSON = b"bv4pack1"  # domain separation: these hashes never collide by design with other uses
 
 
-def as_token_array(token_ids: Sequence[int], where: str = "token_ids") -> np.ndarray:
+def _prefix(where: str | None) -> str:
+    return f"{where}: " if where else ""
+
+
+def as_token_array(token_ids: Sequence[int], where: str | None = None) -> np.ndarray:
     """The token ids as a 1-D integer array (no copy when already one); dtype checked, not range.
 
     Range is checked in bulk by `check_token_range`, which is much cheaper per row.
@@ -26,24 +30,28 @@ def as_token_array(token_ids: Sequence[int], where: str = "token_ids") -> np.nda
     try:
         arr = np.asarray(token_ids)
     except (OverflowError, ValueError, TypeError) as exc:
-        raise ValueError(f"{where}: token ids must be integers ({exc})") from None
+        raise ValueError(f"{_prefix(where)}token ids must be integers ({exc})") from None
     if arr.ndim != 1:
-        raise ValueError(f"{where}: token ids must be a flat sequence, got shape {arr.shape}")
+        raise ValueError(f"{_prefix(where)}token ids must be a flat sequence, got shape {arr.shape}")
     if arr.dtype.kind not in "iu":
         if arr.size == 0:
             return np.zeros(0, dtype=np.uint32)
-        raise ValueError(f"{where}: token ids must be integers, got dtype {arr.dtype}")
+        raise ValueError(f"{_prefix(where)}token ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
+        # uint64 would promote to float64 next to int64 rows; every valid id fits int64.
+        check_token_range(arr, where)
+        arr = arr.astype(np.int64)
     return arr
 
 
-def check_token_range(flat: np.ndarray, where: str = "token_ids") -> None:
+def check_token_range(flat: np.ndarray, where: str | None = None) -> None:
     """Raise ValueError unless every id in `flat` fits in [0, 2**32)."""
     if flat.size == 0:
         return
     if flat.dtype.kind == "i" and int(flat.min()) < 0:
-        raise ValueError(f"{where}: token ids must be non-negative, found {int(flat.min())}")
+        raise ValueError(f"{_prefix(where)}token ids must be non-negative, found {int(flat.min())}")
     if int(flat.max()) > MAX_TOKEN_ID:
-        raise ValueError(f"{where}: token ids must be below 2**32, found {int(flat.max())}")
+        raise ValueError(f"{_prefix(where)}token ids must be below 2**32, found {int(flat.max())}")
 
 
 def key_of_array(arr: np.ndarray, key_tokens: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 # Cap on the elements of one vectorized comparison, to bound temporary memory.
-_MAX_COMPARE = 1 << 22
+_MAX_COMPARE = 1 << 20
 _FIRST_BLOCK = 16
 
 
@@ -25,10 +25,13 @@ def sort_keys(tokens: np.ndarray, offsets: np.ndarray) -> list[bytes]:
     return [be[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
 
 
-def lex_order(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Stable lexicographic order of the rows: [num_rows] int64 row indices."""
+def lex_sorted(tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stable lexicographic order of the rows ([num_rows] int64) and the tokens in that order
+    ([num_tokens] uint32)."""
     keys = sort_keys(tokens, offsets)
-    return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    joined = b"".join([keys[i] for i in order])
+    return np.array(order, dtype=np.int64), np.frombuffer(joined, dtype=">u4").astype(np.uint32)
 
 
 def pair_lcp(tokens: np.ndarray, a_start: np.ndarray, b_start: np.ndarray, limit: np.ndarray) -> np.ndarray:

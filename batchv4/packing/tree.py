@@ -147,7 +147,9 @@ def plan_window(lens: np.ndarray, lcp: np.ndarray, min_share: int, api_unit: int
             groups += 1
         tree_tokens += length - branch
         prefill += length - rpos
-        shared = max(branch, boundary[item])
+        shared = boundary[item]
+        if branch > shared:
+            shared = branch
         api_hit.append(shared - shared % api_unit)
 
     return WindowPlan(

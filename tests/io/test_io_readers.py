@@ -130,3 +130,28 @@ def test_redact_url():
     assert redact_url("s3://bucket/key.parquet") == "s3://bucket/key.parquet"
     assert redact_url("/local/path") == "/local/path"
     assert first_line(OSError("GET https://h/x?X-Amz-Signature=s failed\nmore")) == "GET https://h/x?<redacted> failed"
+
+
+def test_http_input_read_only(tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "in.jsonl").write_bytes(b'{"prompt": "web"}\n{bad\n')
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        src = open_input(f"{base}/in.jsonl?token=secret")
+        rows = _rows(src)
+        assert src.format == "jsonl" and rows[0].data == {"prompt": "web"}
+        assert "invalid JSON" in rows[1].error and "secret" not in rows[1].error
+        with pytest.raises(FileNotFoundError, match="input not found") as e:
+            open_input(f"{base}/missing.jsonl?token=secret")
+        assert "secret" not in str(e.value)
+    finally:
+        server.shutdown()

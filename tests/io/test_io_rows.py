@@ -121,6 +121,8 @@ def test_openai_rows():
     assert legacy.messages == [{"role": "user", "content": "complete me"}]
     assert build_request(row({"custom_id": 5, "body": {"prompt": "x"}}), spec).error == "custom_id: expected a string"
     assert "neither messages nor prompt" in build_request(row({"custom_id": "a", "body": {}}), spec).error
+    emb = build_request(row({"custom_id": "e", "url": "/v1/embeddings", "body": {"input": "x"}}), spec)
+    assert emb.error.startswith("url: unsupported endpoint '/v1/embeddings'") and emb.id == "e"
     assert "body.temperature" in build_request(row({"custom_id": "a", "body": {"prompt": "x", "temperature": "hot"}}), spec).error
 
 

@@ -1,0 +1,225 @@
+"""Per-row prices: usage in DeepSeek's names, priced at the row's own finish time.
+
+Owns: `RowUsage` (with the rule prompt = cache hit + cache miss, and reasoning counted inside
+completion, never charged twice), pricing under a card (genai-prices `calc_price` for public
+models, plain arithmetic for private cards), the one correction of genai-prices' DeepSeek table
+(`billing_instant`), and self-hosted cost. Does not own: card names and files (`cards`),
+amortization (`amortize`), totals and comparisons (`summary`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta, timezone
+from decimal import Decimal
+from numbers import Integral
+from typing import Any
+
+from batchv4.accounting.cards import PriceCard
+
+UTC = timezone.utc
+BEIJING = timezone(timedelta(hours=8))  # DeepSeek defines its peak hours and weekends in Beijing time
+_USAGE_KEYS = ("prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens", "reasoning_tokens")
+
+
+@dataclass(frozen=True)
+class RowUsage:
+    prompt_cache_hit_tokens: int
+    prompt_cache_miss_tokens: int
+    completion_tokens: int  # includes reasoning_tokens
+    reasoning_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for key in _USAGE_KEYS:
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 0:
+                raise ValueError(f"{key} must be a non-negative integer, got {v!r}")
+        if self.reasoning_tokens > self.completion_tokens:
+            raise ValueError(
+                f"reasoning_tokens ({self.reasoning_tokens}) exceed completion_tokens ({self.completion_tokens}); "
+                "reasoning is part of completion"
+            )
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt_cache_hit_tokens + self.prompt_cache_miss_tokens
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> RowUsage:
+        """From a row dict; a `prompt_tokens` given must equal hit + miss (ValueError otherwise)."""
+        missing = [k for k in _USAGE_KEYS[:3] if m.get(k) is None]
+        if missing:
+            raise ValueError(f"usage is missing {missing[0]}")
+        u = cls(*(m[k] for k in _USAGE_KEYS[:3]), reasoning_tokens=m.get("reasoning_tokens") or 0)
+        prompt = m.get("prompt_tokens")
+        if prompt is not None and prompt != u.prompt_tokens:
+            raise ValueError(
+                f"prompt_tokens ({prompt}) != prompt_cache_hit_tokens ({u.prompt_cache_hit_tokens}) "
+                f"+ prompt_cache_miss_tokens ({u.prompt_cache_miss_tokens})"
+            )
+        return u
+
+
+def as_usage(usage: RowUsage | Mapping[str, Any]) -> RowUsage:
+    return usage if isinstance(usage, RowUsage) else RowUsage.from_mapping(usage)
+
+
+@dataclass(frozen=True)
+class RowCost:
+    """USD, split by token class (needed to amortize shared prefixes)."""
+
+    miss_usd: float
+    hit_usd: float
+    output_usd: float
+    other_usd: float = 0.0  # anything else the table prices (normally 0)
+
+    @property
+    def input_usd(self) -> float:
+        return self.miss_usd + self.hit_usd
+
+    @property
+    def total_usd(self) -> float:
+        return self.miss_usd + self.hit_usd + self.output_usd + self.other_usd
+
+
+def check_aware(when: datetime, what: str = "finished_at") -> datetime:
+    if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime, got {when!r}")
+    return when
+
+
+# -- genai-prices access ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _model(model_ref: str, provider_id: str | None):
+    from genai_prices import data_snapshot
+
+    try:
+        return data_snapshot.get_snapshot().find_provider_model(model_ref, None, provider_id, None)[1]
+    except LookupError as e:
+        raise ValueError(f"genai-prices has no model {model_ref!r} for provider {provider_id!r}") from e
+
+
+@functools.lru_cache(maxsize=None)
+def time_of_day_windows(card: PriceCard) -> tuple[Any, ...]:
+    """The card's genai-prices time-of-day price windows (`TimeOfDateConstraint`s), if any."""
+    from genai_prices.types import TimeOfDateConstraint
+
+    if card.model_ref is None:
+        return ()
+    model = _model(card.model_ref, card.provider_id)
+    constraints = [c.constraint for c in model.prices] if isinstance(model.prices, list) else []
+    constraints += [v.constraint for v in model.price_variants or ()]
+    return tuple(c for c in constraints if isinstance(c, TimeOfDateConstraint))
+
+
+def _off_peak_same_day(when: datetime, windows: tuple[Any, ...]) -> datetime:
+    day = when.astimezone(UTC).date()
+    candidates = sorted({w.end_time for w in windows} | {w.start_time for w in windows} | {time(0)}, key=_utc_seconds)
+    for t in candidates:
+        instant = datetime.combine(day, t.replace(tzinfo=None), tzinfo=t.tzinfo or UTC).astimezone(UTC)
+        if instant.date() == day and not any(w.active(instant) for w in windows):
+            return instant
+    raise ValueError(f"no off-peak time on {day} in the price windows")
+
+
+def _utc_seconds(t: time) -> float:
+    offset = t.utcoffset() or timedelta(0)
+    return (t.hour * 3600 + t.minute * 60 + t.second - offset.total_seconds()) % 86400
+
+
+def billing_instant(card: PriceCard, when: datetime) -> datetime:
+    """The instant at which to ask genai-prices for what the provider bills at `when`.
+
+    The one place that corrects the table: genai-prices prices DeepSeek's peak windows every day
+    and on every date, but DeepSeek bills Saturdays and Sundays (Beijing time) off-peak, and V4
+    had no peak price before peak billing began. For such a peak-window instant this returns an
+    off-peak instant of the same UTC date, so the same dated price period (the table's
+    `StartDateConstraint`s are UTC dates) applies at its off-peak rate. Otherwise `when` itself.
+    """
+    check_aware(when, "time")
+    rule = card.deepseek_rule
+    if rule is None or card.model_ref is None:
+        return when
+    windows = time_of_day_windows(card)
+    if not any(w.active(when) for w in windows):
+        return when
+    beijing = when.astimezone(BEIJING)
+    weekend = beijing.weekday() >= 5 and beijing.date() >= rule.weekend_off_peak_since
+    before_peak_billing = when.astimezone(UTC).date() < rule.peak_since
+    if not (weekend or before_peak_billing):
+        return when
+    return _off_peak_same_day(when, windows)
+
+
+# -- pricing ------------------------------------------------------------------------------------
+def _genai_cost(card: PriceCard, prompt: float, hit: float, completion: float, instant: datetime) -> RowCost:
+    from genai_prices import Usage, calc_price
+    from genai_prices.types import calc_unit_price
+    from genai_prices.units import _get_registry
+
+    try:
+        calc = calc_price(
+            Usage(input_tokens=prompt, cache_read_tokens=hit, output_tokens=completion),
+            card.model_ref,
+            provider_id=card.provider_id,
+            genai_request_timestamp=instant,
+            price_context=dict(card.price_context) or None,
+        )
+    except LookupError as e:
+        raise ValueError(f"price card {card.name!r}: genai-prices has no model {card.model_ref!r} ({e})") from e
+    mp = calc.model_price
+    registry = _get_registry()
+
+    def part(key: str, price: Any, count: float) -> Decimal:
+        # the tier is chosen by the request's whole prompt, as in calc_price itself
+        return calc_unit_price(price, count, prompt, registry.unit_for_price_key(key).per)
+
+    hit_price = mp.cache_read_mtok if mp.cache_read_mtok is not None else mp.input_mtok
+    miss_usd = part("input_mtok", mp.input_mtok, prompt - hit)
+    hit_usd = part("cache_read_mtok", hit_price, hit)
+    output_usd = part("output_mtok", mp.output_mtok, completion)
+    other = calc.total_price - miss_usd - hit_usd - output_usd
+    return RowCost(float(miss_usd), float(hit_usd), float(output_usd), float(other))
+
+
+def _private_cost(card: PriceCard, prompt: float, hit: float, completion: float) -> RowCost:
+    cin = card.input_per_mtok or 0.0
+    cached = card.cached_input_per_mtok if card.cached_input_per_mtok is not None else cin
+    return RowCost((prompt - hit) * cin / 1e6, hit * cached / 1e6, completion * (card.output_per_mtok or 0.0) / 1e6)
+
+
+def cost_at(card: PriceCard, prompt: float, hit: float, completion: float, when: datetime) -> RowCost | None:
+    """The cost of one request's token counts (floats allowed: a mean row) at `when`; None when
+    the card has no token prices."""
+    if not card.has_token_prices:
+        return None
+    if card.model_ref is None:
+        return _private_cost(card, prompt, hit, completion)
+    return _genai_cost(card, prompt, hit, completion, billing_instant(card, when))
+
+
+def price_row_detail(usage: RowUsage | Mapping[str, Any], card: PriceCard, finished_at: datetime) -> RowCost | None:
+    u = as_usage(usage)
+    check_aware(finished_at)
+    # reasoning_tokens are inside completion_tokens: they are not passed on separately.
+    return cost_at(card, u.prompt_tokens, u.prompt_cache_hit_tokens, u.completion_tokens, finished_at)
+
+
+def price_row(usage: RowUsage | Mapping[str, Any], card: PriceCard, finished_at: datetime) -> float | None:
+    """API-equivalent USD of one row under `card`, priced at its own finish time; None when the
+    card has only a GPU-hour price."""
+    cost = price_row_detail(usage, card, finished_at)
+    return None if cost is None else cost.total_usd
+
+
+def self_hosted_cost(engine_seconds: float, card: PriceCard) -> float | None:
+    """Engine seconds attributed to a row x the card's GPU-hour price; None without one."""
+    ok = isinstance(engine_seconds, (int, float)) and not isinstance(engine_seconds, bool)
+    if not ok or not math.isfinite(engine_seconds) or engine_seconds < 0:
+        raise ValueError(f"engine_seconds must be a non-negative number, got {engine_seconds!r}")
+    if card.gpu_hour_usd is None:
+        return None
+    return engine_seconds * card.gpu_hour_usd / 3600.0

@@ -1,0 +1,221 @@
+"""KV-cache bookkeeping: page pools (one per compression ratio) with reference counts, the slot pool
+(windows and pending state of running sequences and of snapshots), per-sequence page tables, and
+the prefix cache of snapshots saved at the plan's branch points.
+
+Owns: which page and slot ids a sequence or snapshot holds, reference counts, eviction order (what
+the plan no longer needs first, then least recently used; never anything in use). Does not own:
+tensors (the model's `CachePools` holds them; this module only names the copies to make) or
+scheduling. Plain Python, tested with exact ids.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+
+class NoSpace(Exception):
+    """No free page or slot (the scheduler preempts or waits)."""
+
+
+class IdPool:
+    """Ids 0..n-1 with reference counts; the lowest free id is handed out first."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.free = list(range(n))
+        self.refs = [0] * n
+
+    def alloc(self) -> int:
+        if not self.free:
+            raise NoSpace
+        i = heapq.heappop(self.free)
+        self.refs[i] = 1
+        return i
+
+    def incref(self, i: int) -> None:
+        if self.refs[i] <= 0:
+            raise ValueError(f"id {i} is not allocated")
+        self.refs[i] += 1
+
+    def decref(self, i: int) -> None:
+        if self.refs[i] <= 0:
+            raise ValueError(f"id {i} is not allocated")
+        self.refs[i] -= 1
+        if self.refs[i] == 0:
+            heapq.heappush(self.free, i)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.n - len(self.free)
+
+
+@dataclass
+class Snapshot:
+    key: object
+    slot: int
+    pos: int                              # tokens covered
+    pages: dict[int, list[int]]           # ratio -> page ids (one reference each)
+    uses_left: int                        # restores the plan still expects
+    last_used: int
+    logits: object = None                 # logits at pos-1 when saved there (a [V] tensor)
+    pinned: int = 0                       # restores in flight this step
+    ready: bool = False                   # filled by an executed step
+
+
+@dataclass
+class SeqCache:
+    slot: int
+    pages: dict[int, list[int]] = field(default_factory=dict)
+
+
+class CacheManager:
+    def __init__(self, ratios: tuple[int, ...], page_size: int, num_pages: dict[int, int], num_slots: int) -> None:
+        self.ratios = tuple(ratios)
+        self.page_size = page_size
+        self.pages = {r: IdPool(num_pages[r]) for r in self.ratios}
+        self.slots = IdPool(num_slots)
+        self.seqs: dict[object, SeqCache] = {}
+        self.snapshots: dict[object, Snapshot] = {}
+        self.tick = 0
+        self.evictions = 0
+
+    # ---- sizes ------------------------------------------------------------------------------------
+    def pages_needed(self, ratio: int, num_tokens: int) -> int:
+        return -(-(num_tokens // ratio) // self.page_size)
+
+    def fits_alone(self, num_tokens: int, reserved_slots: int = 0) -> bool:
+        return all(self.pages_needed(r, num_tokens) <= self.pages[r].n for r in self.ratios) \
+            and self.slots.n - reserved_slots >= 1
+
+    # ---- sequences --------------------------------------------------------------------------------
+    def new_seq(self, seq_id: object) -> int:
+        slot = self._alloc_slot()
+        self.seqs[seq_id] = SeqCache(slot, {r: [] for r in self.ratios})
+        return slot
+
+    def ensure(self, seq_id: object, num_tokens: int) -> None:
+        """Pages for every compressed entry of the first num_tokens tokens (raises NoSpace; pages
+        allocated before the failure stay with the sequence)."""
+        sc = self.seqs[seq_id]
+        for r in self.ratios:
+            while len(sc.pages[r]) < self.pages_needed(r, num_tokens):
+                sc.pages[r].append(self._alloc_page(r))
+
+    def free_seq(self, seq_id: object) -> None:
+        sc = self.seqs.pop(seq_id)
+        self.slots.decref(sc.slot)
+        for r, ids in sc.pages.items():
+            for p in ids:
+                self.pages[r].decref(p)
+
+    def fork(self, src: object, dst: object, num_tokens: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """dst becomes a copy of src's first num_tokens tokens: (src slot, dst slot, page copies)."""
+        sc = self.seqs[src]
+        slot = self.new_seq(dst)
+        copies = self._share_pages(sc.pages, num_tokens, self.seqs[dst].pages)
+        return sc.slot, slot, copies
+
+    # ---- snapshots --------------------------------------------------------------------------------
+    def save(self, seq_id: object, key: object, pos: int, uses: int) -> tuple[int, int]:
+        """Snapshot seq_id at pos (its cache must hold exactly pos tokens after this step):
+        returns (running slot, snapshot slot) for the copy."""
+        if key in self.snapshots:
+            self._drop(key)
+        sc = self.seqs[seq_id]
+        slot = self._alloc_slot()
+        pages = {}
+        for r in self.ratios:
+            ids = sc.pages[r][: self.pages_needed(r, pos)]
+            for p in ids:
+                self.pages[r].incref(p)
+            pages[r] = list(ids)
+        self.tick += 1
+        self.snapshots[key] = Snapshot(key, slot, pos, pages, uses, self.tick)
+        return sc.slot, slot
+
+    def restore(self, key: object, seq_id: object) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """A new sequence resumes from snapshot `key`: (snapshot slot, new slot, page copies)."""
+        snap = self.snapshots[key]
+        snap.pinned += 1
+        try:
+            slot = self.new_seq(seq_id)
+            copies = self._share_pages(snap.pages, snap.pos, self.seqs[seq_id].pages)
+        finally:
+            snap.pinned -= 1
+        snap.uses_left = max(0, snap.uses_left - 1)
+        self.tick += 1
+        snap.last_used = self.tick
+        return snap.slot, slot, copies
+
+    def has(self, key: object) -> bool:
+        """A snapshot that exists and was filled by an executed step."""
+        s = self.snapshots.get(key)
+        return s is not None and s.ready
+
+    def release_unneeded(self) -> int:
+        """Drop every snapshot the plan no longer needs; returns how many."""
+        keys = [k for k, s in self.snapshots.items() if s.uses_left == 0 and not s.pinned]
+        for k in keys:
+            self._drop(k)
+        return len(keys)
+
+    def drop_all_snapshots(self) -> None:
+        for k in [k for k, s in self.snapshots.items() if not s.pinned]:
+            self._drop(k)
+
+    def snapshot_pages(self) -> int:
+        return sum(len(v) for s in self.snapshots.values() for v in s.pages.values())
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _share_pages(self, src_pages: dict[int, list[int]], num_tokens: int,
+                     dst_pages: dict[int, list[int]]) -> list[tuple[int, int, int]]:
+        copies = []
+        for r in self.ratios:
+            n = self.pages_needed(r, num_tokens)
+            ids = src_pages[r][:n]
+            partial = (num_tokens // r) % self.page_size != 0
+            for p in ids[:-1] if partial else ids:
+                self.pages[r].incref(p)
+                dst_pages[r].append(p)
+            if partial and ids:
+                new = self._alloc_page(r)
+                dst_pages[r].append(new)
+                copies.append((r, ids[-1], new))
+        return copies
+
+    def _alloc_slot(self) -> int:
+        while True:
+            try:
+                return self.slots.alloc()
+            except NoSpace:
+                if not self._evict_one():
+                    raise
+
+    def _alloc_page(self, r: int) -> int:
+        while True:
+            try:
+                return self.pages[r].alloc()
+            except NoSpace:
+                if not self._evict_one():
+                    raise
+
+    def _evict_one(self) -> bool:
+        cands = [s for s in self.snapshots.values() if not s.pinned]
+        if not cands:
+            return False
+        victim = min(cands, key=lambda s: (s.uses_left > 0, s.last_used))
+        self._drop(victim.key)
+        self.evictions += 1
+        return True
+
+    def _drop(self, key: object) -> None:
+        snap = self.snapshots.pop(key)
+        self.slots.decref(snap.slot)
+        for r, ids in snap.pages.items():
+            for p in ids:
+                self.pages[r].decref(p)

@@ -1,0 +1,158 @@
+"""Sizes of a DeepSeek-V4 model: parameters (total and active per token), checkpoint tensors and
+bytes, and KV-cache bytes in the production layout.
+
+Parameters are counted from the `Transformer` built on the meta device and cross-checked, name by
+name and shape by shape, against the checkpoint inventory (`inventory.py`). Owns: the arithmetic.
+Does not own: printing (`batchv4.pipelines.model_info`) or the engine's actual cache pools
+(`forward_batch.CacheLayout`).
+
+Counting rules (deepseek-v4.md §1.4, §3.3): FP4 weights count 2 parameters per byte; scales and
+`tid2eid` are not parameters. Active per token excludes the embedding lookup and counts the head,
+all non-expert tensors, the shared experts and `n_activated_experts` routed experts per layer.
+KV bytes per token: N_csa * (entry + indexer key) / 4 + sum over HCA layers of entry / ratio, with a
+584-byte entry (FP8 non-RoPE dims, BF16 RoPE dims, one ue8m0 scale per 64) and a 68-byte FP4
+indexer key for the real models.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from batchv4.config import ModelConfig
+from batchv4.model.checkpoint_files import DTYPE_BYTES, CheckpointError, read_headers
+from batchv4.model.inventory import EXPERT, I64, expected_inventory, model_tensors
+
+_STACKED = re.compile(r"\.ffn\.experts\.w[123]$")
+_SCALE = re.compile(r"(\.scale|\.experts\.w[123]_scale)$")  # quantization scales: not parameters
+
+
+@dataclass
+class PartSizes:
+    params: int                 # logical parameters (FP4 = 2 per byte), no scales, no tid2eid
+    active_params: int          # per token, embedding lookup excluded
+    tensors: int                # tensors in an official checkpoint (scales included)
+    checkpoint_bytes: int
+
+
+@dataclass
+class KVSizes:
+    entry_bytes: int            # one compressed KV entry
+    indexer_key_bytes: int      # one CSA indexer key
+    bytes_per_token: float      # asymptotic, all layers
+    context: int
+    total_bytes: float          # bytes_per_token * context (compressed entries + indexer keys)
+    window_bytes: int           # per sequence: every main layer's raw window ring
+    pending_bytes: int          # per sequence: compressors' pending tokens (a, g) in fp32, raw form
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    layers: dict                # {"window": n, "csa": n, "hca": n, "mtp": n}
+    main: PartSizes
+    mtp: PartSizes
+    kv: KVSizes
+    cross_check: list[str] = field(default_factory=list)  # differences model vs inventory (empty = ok)
+    on_disk: dict | None = None  # {"tensors": n, "bytes": n} when NAME_OR_PATH holds shards
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kv_entry_bytes(cfg: ModelConfig) -> int:
+    """Production bytes of one compressed entry: FP8 non-RoPE dims + BF16 RoPE dims + one ue8m0
+    scale per 64 non-RoPE dims, padded to 8 bytes (584 for the real models)."""
+    nope = cfg.head_dim - cfg.rope_head_dim
+    raw = nope + 2 * cfg.rope_head_dim + math.ceil(nope / 64)
+    return -(-raw // 8) * 8
+
+
+def indexer_key_bytes(cfg: ModelConfig) -> int:
+    """FP4 indexer key: two values per byte + one ue8m0 scale per 32 (68 for the real models)."""
+    return cfg.index_head_dim // 2 + math.ceil(cfg.index_head_dim / 32)
+
+
+def kv_sizes(cfg: ModelConfig, context: int) -> KVSizes:
+    entry, ikey = kv_entry_bytes(cfg), indexer_key_bytes(cfg)
+    per_token = 0.0
+    pending = 0
+    for i in range(cfg.n_layers):
+        kind, r = cfg.layer_kind(i), cfg.compress_ratios[i]
+        if kind == "csa":
+            per_token += (entry + ikey) / r
+            # previous + current block of (a, g), 2*head_dim and 2*index_head_dim channels, fp32
+            pending += 2 * r * 2 * (2 * cfg.head_dim + 2 * cfg.index_head_dim) * 4
+        elif kind == "hca":
+            per_token += entry / r
+            pending += r * 2 * cfg.head_dim * 4
+    return KVSizes(entry_bytes=entry, indexer_key_bytes=ikey, bytes_per_token=per_token, context=context,
+                   total_bytes=per_token * context, window_bytes=cfg.n_layers * cfg.window_size * entry,
+                   pending_bytes=pending)
+
+
+def _logical_shape(name: str, t: torch.Tensor) -> tuple[int, ...]:
+    if _STACKED.search(name) and t.dtype in (torch.uint8, torch.int8):
+        return (*t.shape[:-1], t.shape[-1] * 2)
+    return tuple(t.shape)
+
+
+def _meta_model_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    from batchv4.model.model import Transformer  # torch-heavy; imported only when sizes are asked
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {n: (_logical_shape(n, t), t.dtype) for n, t in model.state_dict().items() if not _SCALE.search(n)}
+
+
+def _cross_check(cfg: ModelConfig, got: dict[str, tuple]) -> list[str]:
+    want = {n: s for n, s, _ in model_tensors(cfg)}
+    diffs = [f"{n}: model has it, the inventory does not" for n in sorted(set(got) - set(want))]
+    diffs += [f"{n}: in the inventory, not in the model" for n in sorted(set(want) - set(got))]
+    diffs += [f"{n}: model {got[n][0]} vs inventory {want[n]}" for n in sorted(set(want) & set(got))
+              if tuple(got[n][0]) != tuple(want[n])]
+    return diffs
+
+
+def _part(cfg: ModelConfig, mtp: bool, shapes: dict[str, tuple[int, ...]], roles: dict[str, str],
+          inventory: dict[str, tuple]) -> PartSizes:
+    params = active = 0
+    for name, shape in shapes.items():
+        if name.startswith("mtp.") != mtp or roles.get(name) == I64:
+            continue
+        n = math.prod(shape)
+        params += n
+        if roles.get(name) == EXPERT:
+            active += n * cfg.n_activated_experts // shape[0]
+        elif name != "embed.weight":
+            active += n
+    inv = {k: v for k, v in inventory.items() if k.startswith("mtp.") == mtp}
+    nbytes = sum(math.prod(s) * DTYPE_BYTES[d] for s, d in inv.values())
+    return PartSizes(params=params, active_params=active, tensors=len(inv), checkpoint_bytes=nbytes)
+
+
+def model_info(cfg: ModelConfig, context: int = 1 << 20, path: str | None = None) -> ModelInfo:
+    """Sizes of `cfg` (counted on a meta-built Transformer); `path` adds what its shards hold."""
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    roles = {n: r for n, _, r in model_tensors(cfg)}
+    got = _meta_model_tensors(cfg)
+    shapes = {n: s for n, (s, _) in got.items()}
+    inventory = expected_inventory(cfg)
+    layers = {k: sum(cfg.layer_kind(i) == k for i in range(cfg.n_layers)) for k in ("window", "csa", "hca")}
+    layers["mtp"] = cfg.n_mtp_layers
+    info = ModelInfo(name=cfg.name, layers=layers, main=_part(cfg, False, shapes, roles, inventory),
+                     mtp=_part(cfg, True, shapes, roles, inventory), kv=kv_sizes(cfg, context),
+                     cross_check=_cross_check(cfg, got))
+    if path is not None and os.path.isdir(path):
+        try:
+            infos, _ = read_headers(path)
+        except CheckpointError:
+            infos = {}
+        if infos:
+            info.on_disk = {"tensors": len(infos), "bytes": sum(t.nbytes for t in infos.values())}
+    return info
