@@ -74,4 +74,4 @@ def estimate(input_url, fmt, prompt_column, messages_column, template, system, t
 
 
 def _usd(v) -> str:
-    return "n/a" if v is None else f"${v:,.4f}"
+    return "n/a" if v is None else (f"${v:,.2f}" if v >= 100 else f"${v:.6g}")

@@ -96,7 +96,11 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
     is_openai = src.format == "openai"
     spec = RowSpec(cfg.prompt_column, cfg.messages_column, cfg.template, cfg.system, cfg.id_column,
                    tuple(cfg.keep_columns), is_openai)
-    spec = check_columns(spec, src.columns(), src.format)
+    columns = src.columns()
+    if spec.id_column is None and not is_openai and "id" in columns:
+        spec = RowSpec(spec.prompt_column, spec.messages_column, spec.template, spec.system, "id",
+                       spec.keep_columns, spec.openai_batch)
+    spec = check_columns(spec, columns, src.format)
     check_writable(cfg.output, so)
     fp = cfg.fingerprint()
     manifest = read_manifest(cfg.output, so)
