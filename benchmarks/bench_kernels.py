@@ -492,7 +492,9 @@ def main(argv=None) -> int:
         cases = case = fn = None  # their closures hold the section's tensors (12.9 GB of bf16 experts)
         _free(torch)
     if not (args.no_compile or args.cpu_smoke):
-        report.note("\ntorch.compile(reference), default mode (compile time excluded):\n\n" + Report.HEAD)
+        report.note("\ntorch.compile(reference), default mode, compile time excluded. Not compiled: the MoE,\n"
+                    "attention and indexer references, whose loops depend on the data (nonzero/.item()).\n\n"
+                    + Report.HEAD)
         compiled = {}
         for case, impl, (_, ref_fn, ref_args) in compile_jobs:
             if time.perf_counter() - t_start > args.budget_s:

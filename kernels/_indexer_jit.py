@@ -71,7 +71,7 @@ def indexer_topk_kernel(
     best = tl.full((KPAD,), SENTINEL, dtype=tl.int64)
     for base in range(lo, hi, KPAD):
         stage = tl.full((KPAD,), SENTINEL, dtype=tl.int64)
-        for sb in tl.static_range(KPAD // BLOCK_N):
+        for sb in range(0, KPAD // BLOCK_N):  # a loop, not unrolled: one k tile live at a time
             j = base + sb * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = j < hi
             page = tl.load(page_ptr + seq * stride_pt + j // P, mask=valid, other=0).to(tl.int64)

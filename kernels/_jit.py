@@ -7,7 +7,7 @@ Does not own: kernels or wrappers. Imported only lazily, from the `_*_jit` modul
 Why explicit rounding: Triton's CPU interpreter truncates fp32->bf16 and mis-rounds fp32->e4m3
 when rounding carries into the exponent. Rounding to the target grid first (nearest-even, in
 fp32/int32 arithmetic) makes the final `.to()` exact on every backend, so the interpreter and the
-GPU agree bit for bit with torch. On the GPU the extra integer ops are a handful per element.
+GPU round these casts exactly like torch. On the GPU the extra integer ops are a handful per element.
 """
 
 import triton

@@ -81,11 +81,10 @@ def sparse_attn_kernel(
         lmask = valid[:, None] & d_mask[None, :]
         if HAS_NEW:
             from_new = kpos >= first_pos
-            k_new = tl.load(new_ptr + (new_row0 + (kpos - first_pos))[:, None] * stride_new + offs_d[None, :],
-                            mask=lmask & from_new[:, None], other=0.0)
-            k_old = tl.load(win_base + (kpos % W).to(tl.int64)[:, None] * stride_wp + offs_d[None, :],
-                            mask=lmask & (~from_new)[:, None], other=0.0)
-            k = tl.where(from_new[:, None], k_new.to(k_old.dtype), k_old)
+            # One gather from two sources: pick each row's pointer (new_kv and the pool share a dtype).
+            row_new = new_ptr + (new_row0 + (kpos - first_pos))[:, None] * stride_new
+            row_old = win_base + (kpos % W).to(tl.int64)[:, None] * stride_wp
+            k = tl.load(tl.where(from_new[:, None], row_new, row_old) + offs_d[None, :], mask=lmask, other=0.0)
         else:
             k = tl.load(win_base + (kpos % W).to(tl.int64)[:, None] * stride_wp + offs_d[None, :],
                         mask=lmask, other=0.0)

@@ -9,7 +9,10 @@ Triton path: token-slots are sorted by expert into BLOCK_M-padded blocks, a grou
 gate and up for every active expert with clamp/SwiGLU/routing weight fused (h is stored in x's
 dtype, like the reference), a second grouped GEMM computes the down projection per slot in fp32,
 and a last kernel sums each token's k slots in a fixed order, so results are deterministic (no
-atomics). Slot ids outside [0, E) (e.g. -1 for a masked slot) contribute nothing.
+atomics). Quantized weights are dequantized inside the GEMMs. With bf16/fp16 activations the dots
+run on tensor cores in that dtype (FP8/FP4 code values are exact there; the block scale multiplies
+the fp32 partial product); fp32 activations use exact fp32 dots. Slot ids outside [0, E) (e.g. -1
+for a masked slot) contribute nothing.
 """
 
 from __future__ import annotations
@@ -75,26 +78,31 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     topk_ids [T, k] -> (sorted_slots [max_blocks * block_m] int32, block_expert [max_blocks] int32).
     Slot s = t * k + j. Each expert's slots are contiguous, in slot order, padded to a multiple of
     block_m with the sentinel T * k. Blocks past the last used one have expert -1. max_blocks =
-    ceil(T*k / block_m) + min(E, T*k) bounds the padded count without a device->host sync.
+    ceil(T*k / block_m) + min(E, T*k) bounds the padded count, so nothing here waits for the device
+    (no .item(), bincount or boolean indexing).
     """
     flat = topk_ids.reshape(-1).long()
     num_slots = flat.numel()
     dev = flat.device
     valid = (flat >= 0) & (flat < num_experts)
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # invalid slots sort last
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # [E]
+    # scatter_add, not bincount (which reads the max back to the host).
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)  # [E]
     padded_start = padded_end - padded
     sorted_start = torch.cumsum(counts, 0) - counts  # where each expert begins in the unpadded order
     order = torch.argsort(key, stable=True)  # [T*k] slot ids, grouped by expert, slot order within
     sorted_key = key[order]
-    in_range = sorted_key < num_experts
     e_of = sorted_key.clamp(max=num_experts - 1)
     dest = padded_start[e_of] + torch.arange(num_slots, device=dev) - sorted_start[e_of]
     max_blocks = cdiv(num_slots, block_m) + min(num_experts, num_slots)
-    sorted_slots = torch.full((max_blocks * block_m,), num_slots, dtype=torch.int32, device=dev)
-    sorted_slots[dest[in_range]] = order[in_range].to(torch.int32)
+    trash = max_blocks * block_m  # one extra cell takes the invalid slots (no boolean indexing)
+    dest = torch.where(sorted_key < num_experts, dest, trash)
+    sorted_slots = torch.full((trash + 1,), num_slots, dtype=torch.int32, device=dev)
+    sorted_slots.scatter_(0, dest, order.to(torch.int32))
+    sorted_slots = sorted_slots[:trash]
     block_start = torch.arange(max_blocks, device=dev) * block_m
     block_expert = torch.searchsorted(padded_end, block_start, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)

@@ -113,7 +113,7 @@ class _Args:
         check_tensor("window_slot", self.window_slot, dtypes=INDEX_DTYPES, shape=(num_seqs,), device=dev)
         check_tensor("sink", self.sink, dtypes=(torch.float32,), shape=(heads,), device=dev)
         if self.new_kv is not None:
-            check_tensor("new_kv", self.new_kv, dtypes=kv_dtypes, shape=(rows, dh), device=dev)
+            check_tensor("new_kv", self.new_kv, dtypes=(self.window_kv.dtype,), shape=(rows, dh), device=dev)
             check_last_dim_contiguous("new_kv", self.new_kv)
         if self.topk_idx is not None and self.n_comp is not None:
             raise ValueError("pass topk_idx (CSA) or n_comp (HCA), not both")
@@ -186,6 +186,16 @@ def _sparse_attn_ref(a: _Args) -> torch.Tensor:
     return out
 
 
+def _blocks(heads: int, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps). The [BLOCK_H, Dh] fp32 accumulator and the [BLOCK_N, Dh]
+    key tile live in registers; for Dh = 512 on sm_90, 32 heads x 32 keys x 8 warps compiles to
+    about 200 registers per thread without spills (ptxas), larger tiles spill."""
+    if interpreting():
+        return 16, 16, 4
+    block_h = 16 if heads <= 16 else 32
+    return (block_h, 32, 8) if block_d >= 256 else (block_h, 64, 4)
+
+
 def _sparse_attn_triton(a: _Args) -> torch.Tensor:
     from . import _sparse_attn_jit as jit
 
@@ -195,11 +205,7 @@ def _sparse_attn_triton(a: _Args) -> torch.Tensor:
     if rows == 0:
         return out
     block_d = next_pow2(dh, 16)
-    if interpreting():
-        block_h, block_n, warps = 16, 16, 4
-    else:
-        block_h = 16 if heads <= 16 else 32
-        block_n, warps = (32, 8) if block_d >= 256 else (64, 4)
+    block_h, block_n, warps = _blocks(heads, block_d)
     dummy = a.sink
     comp = a.comp_kv if a.mode else a.window_kv
     page = a.page_table if a.mode else a.window_slot

@@ -43,6 +43,7 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
     from batchv4.io.readers import open_input
     from batchv4.io.rows import RowError, RowSpec, build_request, check_columns
     from batchv4.packing import PackInput, PlanStats, plan, shard_of
+    from batchv4.pipelines.run import chat_token_ids
     from batchv4.tokenizer import load_tokenizer
 
     now = now or datetime.now(timezone.utc)
@@ -60,25 +61,29 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
     def items():
         nonlocal tokenize_s
         for batch in src.iter_rows(batch_size=cfg.batch_rows):
-            msgs, keys = [], []
+            reqs = []
             for raw in batch:
                 if cfg.limit is not None and counts["input_rows"] >= cfg.limit:
                     break
                 counts["input_rows"] += 1
                 r = build_request(raw, spec)
                 if isinstance(r, RowError):
-                    counts["error_rows"] += 1
+                    if not cfg.shard or r.index % cfg.shard[1] == cfg.shard[0]:
+                        counts["error_rows"] += 1
                     continue
-                msgs.append(r.messages)
-                keys.append(r.index)
+                reqs.append(r)
             t = time.perf_counter()
-            ids = tok.chat_token_ids(msgs, cfg.thinking) if msgs else []
+            encoded = chat_token_ids(tok, reqs, cfg.thinking) if reqs else []
             tokenize_s += time.perf_counter() - t
-            for k, toks in zip(keys, ids):
+            for r, (toks, _, err) in zip(reqs, encoded):
+                if err is not None:
+                    if not cfg.shard or r.index % cfg.shard[1] == cfg.shard[0]:
+                        counts["error_rows"] += 1
+                    continue
                 if cfg.shard and shard_of(toks, cfg.shard[1]) != cfg.shard[0]:
                     continue
                 counts["rows"] += 1
-                yield PackInput(k, toks)
+                yield PackInput(r.index, toks)
             if cfg.limit is not None and counts["input_rows"] >= cfg.limit:
                 return
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from batchv4.pipelines.run_cmd import _shard
+from batchv4.pipelines.run_cmd import SectionedCommand, _shard
 
 
 def _triple(ctx, param, value):
@@ -23,22 +23,33 @@ def _triple(ctx, param, value):
     return tuple(parts)
 
 
-@click.command(context_settings={"show_default": True})
+ESTIMATE_SECTIONS = (
+    ("Input", ("fmt", "limit", "shard")),
+    ("Prompts", ("prompt_column", "messages_column", "template", "system", "thinking")),
+    ("Output tokens", ("max_tokens", "output_tokens", "n")),
+    ("Cost", ("price", "prices_file")),
+)
+
+
+@click.command(cls=SectionedCommand, sections=ESTIMATE_SECTIONS, context_settings={"show_default": True})
 @click.argument("input_url", metavar="INPUT")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "openai"]), default=None)
-@click.option("--prompt-column", default=None)
-@click.option("--messages-column", default=None)
-@click.option("--template", default=None)
-@click.option("--system", default=None)
-@click.option("--thinking/--no-thinking", default=False)
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "openai"]), default=None,
+              help="Input format.  [default: detected from the content]")
+@click.option("--prompt-column", default=None,
+              help="Column holding the user prompt.  [default: 'messages' if present, else 'prompt']")
+@click.option("--messages-column", default=None, help="Column holding chat messages [{role, content}].")
+@click.option("--template", default=None, help="Prompt template with {column} placeholders ({{ }} for braces).")
+@click.option("--system", default=None, help="System prompt put before every conversation.")
+@click.option("--thinking/--no-thinking", default=False, help="V4 thinking mode.")
 @click.option("--max-tokens", default=256, type=int, help="Upper bound of output tokens per row.")
 @click.option("--output-tokens", default=None, callback=_triple,
-              help="Output tokens per row as LOW,EXPECTED,HIGH (default 1, max/2, max).")
+              help="Output tokens per row as LOW,EXPECTED,HIGH or one number.  [default: 1,MAX/2,MAX]")
 @click.option("-n", "n", default=1, type=int, help="Samples per row.")
 @click.option("--price", default="deepseek-v4-flash", help="Price card.")
-@click.option("--prices", "prices_file", default=None, type=click.Path(exists=True, dir_okay=False))
-@click.option("--limit", default=None, type=int)
-@click.option("--shard", default=None, callback=_shard)
+@click.option("--prices", "prices_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSON/TOML file of private price cards.")
+@click.option("--limit", default=None, type=int, help="Only the first N input rows.  [default: all]")
+@click.option("--shard", default=None, callback=_shard, help="I/N: the I-th of N slices.  [default: all rows]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def estimate(input_url, fmt, prompt_column, messages_column, template, system, thinking, max_tokens, output_tokens,
              n, price, prices_file, limit, shard, as_json):

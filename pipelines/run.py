@@ -1,12 +1,18 @@
 """The `run` pipeline: a durable batch job from a dataset to Parquet parts with per-row usage and cost.
 
-Flow: read rows (streamed) -> build requests (bad rows become error rows) -> skip rows a previous
-run finished -> chat-encode and tokenize in batches -> shard -> plan (packing) -> engine ->
-usage and cost per row -> parts written atomically as the run goes -> summary.json.
+Flow: check options, columns and the output location (before any work) -> read rows (streamed)
+-> build requests (bad rows become error rows) -> skip rows a previous run finished -> chat-encode
+and tokenize in batches -> shard -> plan (packing) -> engine -> usage and cost per row -> parts
+written atomically as the run goes -> summary.json (and output.jsonl for OpenAI batch input).
 
-Owns: the job's configuration and fingerprint, resume, and the exactly-once rule (every input row
-ends in the outputs or in the error rows, once). Does not own: file formats (`batchv4.io`), prices
-(`batchv4.accounting`), planning (`batchv4.packing`) or generation (`batchv4.engine`).
+Owns: the job's configuration and fingerprint, resume, the exactly-once rule (every input row ends
+in the outputs or in the error rows, once; under `--shard I/N` every row belongs to exactly one
+shard, error rows included), and the per-row prompt encoding (`chat_token_ids`, shared with the
+estimate). Does not own: file formats (`batchv4.io`), prices (`batchv4.accounting`), planning
+(`batchv4.packing`) or generation (`batchv4.engine`).
+
+Known limit: the rows left to do are tokenized before the engine starts (the engine's
+`plan_requests` takes whole lists), so their token ids are held in memory for the run.
 """
 
 from __future__ import annotations
@@ -15,11 +21,17 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
+
+# files a run writes besides its parts; an --overwrite removes exactly these (manifest first)
+_RUN_FILES = ("manifest.json", "summary.json", "output.jsonl")
+_NO_STATS = {"forward_seconds": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0,
+             "preemptions": 0, "snapshot_evictions": 0, "peak_snapshots": 0}
+_EFFORTS = (None, "high", "max")      # what the V4 chat encoding knows
 
 
 @dataclass
@@ -43,6 +55,8 @@ class RunConfig:
     n: int = 1
     kv_cache_memory: str = "512MiB"
     max_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
     price: str = "deepseek-v4-flash"
     prices_file: str | None = None
     limit: int | None = None
@@ -50,15 +64,20 @@ class RunConfig:
     overwrite: bool = False
     quiet: bool = False
     part_rows: int = 512
+    read_batch_rows: int = 1024
     device: str = "cpu"
     storage_options: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """What decides a row's output: model, prompt building, thinking, sampling, sharding."""
-        keys = ("model", "prompt_column", "messages_column", "template", "system", "id_column", "thinking",
-                "max_tokens", "temperature", "top_p", "seed", "stop", "n", "shard", "fmt")
+        """What decides a row's output columns: model, prompt building, thinking, sampling, the
+        context limit, sharding, kept columns and the price card. Not: the input's location,
+        `--limit`, engine sizing, part size."""
+        keys = ("model", "fmt", "prompt_column", "messages_column", "template", "system", "id_column",
+                "keep_columns", "thinking", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "shard",
+                "max_model_len", "price")
         d = {k: getattr(self, k) for k in keys}
-        d["stop"], d["shard"] = list(self.stop), list(self.shard) if self.shard else None
+        d["stop"], d["keep_columns"] = list(self.stop), list(self.keep_columns)
+        d["shard"] = list(self.shard) if self.shard else None
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def public(self) -> dict:
@@ -78,122 +97,130 @@ class _Row:
     req: Any                      # RowRequest
     ids: list[int]
     params: Any                   # SamplingParams
+    thinking: bool
     group: int | None = None
+
+
+def _now() -> datetime:
+    """The finish time a row is priced at (a function so tests can fix the clock)."""
+    return datetime.now(timezone.utc)
+
+
+def chat_token_ids(tok, requests: list, thinking: bool) -> list[tuple[list[int] | None, bool, str | None]]:
+    """(token ids, thinking, error) per RowRequest, encoded in batches. An OpenAI body's `thinking`
+    and `reasoning_effort` override `thinking` for its row; an effort the V4 encoding does not know
+    makes that row an error (ids None)."""
+    out: list[Any] = [None] * len(requests)
+    groups: dict[tuple[bool, str | None], list[int]] = {}
+    for i, r in enumerate(requests):
+        think = bool(r.params.get("thinking", thinking))
+        effort = r.params.get("reasoning_effort")
+        if effort not in _EFFORTS:
+            out[i] = (None, think, f"reasoning_effort {effort!r} is not supported by V4 (use 'high' or 'max')")
+            continue
+        groups.setdefault((think, effort), []).append(i)
+    for (think, effort), idx in groups.items():
+        ids = tok.chat_token_ids([requests[i].messages for i in idx], think, effort)
+        for i, toks in zip(idx, ids):
+            out[i] = (toks, think, None)
+    return out
+
+
+def _check_options(cfg: RunConfig):
+    """Everything that can be checked without reading the input; returns the base SamplingParams."""
+    from batchv4.config import ModelConfig
+    from batchv4.engine.llm import parse_bytes
+    from batchv4.engine.sampling_params import SamplingParams
+
+    for name in ("n", "max_tokens", "part_rows", "max_batched_tokens", "max_num_seqs", "read_batch_rows"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+    if cfg.max_model_len is not None and cfg.max_model_len < 2:
+        raise ValueError(f"--max-model-len must be >= 2, got {cfg.max_model_len}")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {cfg.limit}")
+    base = SamplingParams(n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          seed=cfg.seed, stop=list(cfg.stop) or None)
+    ModelConfig.load(cfg.model)
+    parse_bytes(cfg.kv_cache_memory)
+    if cfg.device != "cpu":
+        import torch
+
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: no CUDA device is available")
+    return base
+
+
+def _resolve(cfg: RunConfig, src) -> tuple[Any, RunConfig]:
+    """The row spec checked against the input's columns, and the config with what was detected
+    (format, prompt source, id column) filled in, so the fingerprint does not depend on defaults."""
+    from batchv4.io.rows import RowSpec, check_columns
+
+    is_openai = src.format == "openai"
+    columns = src.columns()
+    id_column = cfg.id_column
+    if id_column is None and not is_openai and "id" in columns:
+        id_column = "id"
+    spec = RowSpec(cfg.prompt_column, cfg.messages_column, cfg.template, cfg.system, id_column,
+                   tuple(cfg.keep_columns), is_openai)
+    spec = check_columns(spec, columns, src.format)
+    return spec, replace(cfg, fmt=src.format, prompt_column=spec.prompt_column,
+                         messages_column=spec.messages_column, id_column=spec.id_column)
+
+
+def _previous(cfg: RunConfig, fp: str, so) -> tuple[set[tuple[str, str]], set[int]]:
+    """(id, content hash) of finished output rows and row indexes of written error rows of the run
+    already in the output folder; refuses a different configuration unless --overwrite."""
+    from batchv4.io.writers import read_errors, read_manifest, read_output_parts
+
+    manifest = read_manifest(cfg.output, so)
+    if manifest is None:
+        return set(), set()
+    old = manifest.get("meta", {}).get("fingerprint")
+    if cfg.overwrite:
+        _clear(cfg.output, so)
+        return set(), set()
+    if old != fp:
+        raise ValueError(f"{cfg.public()['output']} holds a run with a different configuration "
+                         f"(fingerprint {old}, now {fp}); use --overwrite to replace it")
+    # the summary and OpenAI output of an earlier invocation are stale from now on
+    _remove(cfg.output, _RUN_FILES[1:], so)
+    t = read_output_parts(cfg.output, ["id", "content_hash"], so)
+    done = set(zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist()))
+    return done, set(read_errors(cfg.output, ["row_index"], so).column("row_index").to_pylist())
 
 
 def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -> dict:
     from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.io.readers import open_input
-    from batchv4.io.rows import DuplicateTracker, RowError, RowSpec, build_request, check_columns
-    from batchv4.io.writers import PartWriter, check_writable, read_errors, read_manifest, read_output_parts
+    from batchv4.io.schema import keep_fields
+    from batchv4.io.writers import PartWriter, check_writable
 
-    if cfg.n < 1 or cfg.max_tokens < 1:
-        raise ValueError("-n and --max-tokens must be >= 1")
+    base = _check_options(cfg)
     so = cfg.storage_options or None
     private = load_price_file(cfg.prices_file) if cfg.prices_file else {}
     card = get_card(cfg.price, private)
     src = open_input(cfg.input, cfg.fmt, storage_options=so)
-    is_openai = src.format == "openai"
-    spec = RowSpec(cfg.prompt_column, cfg.messages_column, cfg.template, cfg.system, cfg.id_column,
-                   tuple(cfg.keep_columns), is_openai)
-    columns = src.columns()
-    if spec.id_column is None and not is_openai and "id" in columns:
-        spec = RowSpec(spec.prompt_column, spec.messages_column, spec.template, spec.system, "id",
-                       spec.keep_columns, spec.openai_batch)
-    spec = check_columns(spec, columns, src.format)
+    spec, cfg = _resolve(cfg, src)
+    kept = keep_fields(spec.keep_columns, src.arrow_schema())
     check_writable(cfg.output, so)
     fp = cfg.fingerprint()
-    manifest = read_manifest(cfg.output, so)
-    if manifest is not None:
-        old = manifest.get("meta", {}).get("fingerprint")
-        if old != fp and not cfg.overwrite:
-            raise ValueError(f"{cfg.public()['output']} holds a run with a different configuration "
-                             f"(fingerprint {old}, now {fp}); use --overwrite to replace it")
-        if cfg.overwrite and old != fp:
-            _clear(cfg.output, so)
-            manifest = None
-    done: set[tuple[str, str]] = set()
-    done_errors: set[int] = set()
-    if manifest is not None:
-        t = read_output_parts(cfg.output, ["id", "content_hash"], so)
-        done = set(zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist()))
-        done_errors = set(read_errors(cfg.output, ["row_index"], so).column("row_index").to_pylist())
+    done, done_errors = _previous(cfg, fp, so)
 
-    from batchv4.io.schema import keep_fields
-
-    writer = PartWriter(cfg.output, kept=keep_fields(spec.keep_columns, src.arrow_schema()),
-                        meta={"fingerprint": fp, "config": cfg.public()}, storage_options=so)
+    writer = PartWriter(cfg.output, kept=kept, meta={"fingerprint": fp, "config": cfg.public()}, storage_options=so)
     t_start = time.perf_counter()
     timings = {"read_build": 0.0, "tokenize": 0.0, "plan_engine": 0.0, "account_write": 0.0}
-
-    # ---- read, build, dedupe, tokenize ------------------------------------------------------------
-    from batchv4.engine.sampling_params import SamplingParams
-    from batchv4.packing import shard_of
-    from batchv4.tokenizer import load_tokenizer
-
-    tok = load_tokenizer()
-    base = SamplingParams(n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          seed=cfg.seed, stop=list(cfg.stop) or None)
-    dups = DuplicateTracker()
-    rows: dict[str, _Row] = {}
-    errors: list[dict] = []
     counts = {"input_rows": 0, "skipped_done": 0, "error_rows": 0, "out_of_shard": 0}
-    for batch in src.iter_rows():
-        t0 = time.perf_counter()
-        built = []
-        for raw in batch:
-            if cfg.limit is not None and counts["input_rows"] >= cfg.limit:
-                break
-            counts["input_rows"] += 1
-            r = build_request(raw, spec)
-            if isinstance(r, RowError):
-                if r.index not in done_errors:
-                    errors.append(r.to_record())
-                continue
-            if dups.seen(r.id):
-                if raw.index not in done_errors:
-                    errors.append(RowError(raw.index, r.id, f"duplicate id {r.id!r}", raw.raw).to_record())
-                continue
-            if (r.id, r.content_hash) in done:
-                counts["skipped_done"] += 1
-                continue
-            try:
-                over = {k: v for k, v in r.params.items() if k in _SAMPLING_KEYS}
-                params = base.replace(**over) if over else base
-            except ValueError as e:
-                errors.append(RowError(raw.index, r.id, str(e), raw.raw).to_record())
-                continue
-            built.append((r, params))
-        t1 = time.perf_counter()
-        timings["read_build"] += t1 - t0
-        if built:
-            ids = tok.chat_token_ids([r.messages for r, _ in built], cfg.thinking)
-            for (r, params), toks in zip(built, ids):
-                if cfg.shard and shard_of(toks, cfg.shard[1]) != cfg.shard[0]:
-                    counts["out_of_shard"] += 1
-                    continue
-                rows[r.id] = _Row(r, toks, params)
-        timings["tokenize"] += time.perf_counter() - t1
-        if cfg.limit is not None and counts["input_rows"] >= cfg.limit:
-            break
-    # ---- generate ---------------------------------------------------------------------------------
-    llm = (llm_factory or _default_llm)(cfg)
+    errors: list[dict] = []
+    rows = _collect(cfg, src, spec, base, done, done_errors, errors, counts, timings)
+
+    llm = (llm_factory or _default_llm)(cfg) if rows else None
     t_engine = time.perf_counter()
     buf: list[dict] = []
-    totals = {"rows": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "prompt_cache_miss_tokens": 0,
-              "completion_tokens": 0, "reasoning_tokens": 0, "cost_usd": 0.0}
-    keys = list(rows)
-    planned = llm.plan_requests(keys, [rows[k].ids for k in keys], [rows[k].params for k in keys],
-                                [cfg.thinking] * len(keys))
-
-    def remember_groups(it):
-        for r in it:
-            rows[r.request_id].group = r.group
-            yield r
-
-    reqs = remember_groups(planned)
-    pbar = _bar(len(keys), cfg.quiet)
-    for out in llm.generate_stream(reqs):
+    progress = {"rows": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "completion_tokens": 0}
+    pbar = _bar(cfg.quiet, "generate", "row", total=len(rows))
+    for out in _generate(llm, rows, cfg):
         t0 = time.perf_counter()
         row = rows.pop(out.request_id)
         first = out.outputs[0]
@@ -201,7 +228,7 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
             errors.append({"id": row.req.id, "row_index": row.req.index, "error": first.error,
                            "raw": json.dumps({"messages": row.req.messages}, ensure_ascii=False)})
         else:
-            buf.extend(_output_rows(row, out, card, llm, totals))
+            buf.extend(_output_rows(row, out, card, llm, progress))
         if len(buf) >= cfg.part_rows:
             writer.write_part(_amortize(buf))
             buf = []
@@ -212,8 +239,10 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
         timings["account_write"] += time.perf_counter() - t0
         if pbar is not None:
             pbar.update(1)
-            hit = totals["prompt_cache_hit_tokens"] / max(1, totals["prompt_tokens"])
-            pbar.set_postfix(cache_hit=f"{hit:.0%}")
+            secs = max(1e-9, time.perf_counter() - t_engine)
+            hit = progress["prompt_cache_hit_tokens"] / max(1, progress["prompt_tokens"])
+            tps = (progress["prompt_tokens"] + progress["completion_tokens"]) / secs
+            pbar.set_postfix(tok_s=f"{tps:,.0f}", cache_hit=f"{hit:.0%}")
     if pbar is not None:
         pbar.close()
     t0 = time.perf_counter()
@@ -221,19 +250,109 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
     counts["error_rows"] += len(errors)
     writer.write_errors(errors)
     timings["account_write"] += time.perf_counter() - t0
-    wall = time.perf_counter() - t_start
     timings["plan_engine"] = time.perf_counter() - t_engine - timings["account_write"]
-    summary = _summary(cfg, fp, writer, counts, timings, wall, llm, card, private, is_openai)
+    wall = time.perf_counter() - t_start
+    summary = _summary(cfg, fp, writer, counts, timings, wall, llm, card, private)
     _write_json(cfg.output, "summary.json", summary, so)
-    if is_openai:
+    if src.format == "openai":
         from batchv4.io.openai_batch import write_openai_batch_output
+        from batchv4.io.writers import read_errors, read_output_parts
 
-        rows, errs = _openai_rows(cfg.output, so)
-        write_openai_batch_output(cfg.output, rows, errs, model=cfg.model, storage_options=so)
+        write_openai_batch_output(cfg.output, read_output_parts(cfg.output, None, so).to_pylist(),
+                                  read_errors(cfg.output, None, so).to_pylist(), model=cfg.model, storage_options=so)
     return summary
 
 
-def _summary(cfg, fp, writer, counts, timings, wall, llm, card, private, is_openai) -> dict:
+def _collect(cfg, src, spec, base, done, done_errors, errors, counts, timings) -> dict[str, _Row]:
+    """Read, build, dedupe and tokenize: the rows this invocation must generate, keyed by id. Error
+    rows go to `errors`, except those already written and those of another shard."""
+    from batchv4.io.rows import DuplicateTracker, RowError, build_request
+    from batchv4.packing import shard_of
+    from batchv4.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    dups = DuplicateTracker()
+    rows: dict[str, _Row] = {}
+    read_bar = _bar(cfg.quiet, "read", "row")
+    tok_bar = _bar(cfg.quiet, "tokenize", "tok")
+
+    def fail(err: RowError) -> None:
+        if err.index in done_errors:
+            counts["skipped_done"] += 1
+        elif cfg.shard and err.index % cfg.shard[1] != cfg.shard[0]:
+            counts["out_of_shard"] += 1     # rows without tokens are dealt to shards by row number
+        else:
+            errors.append(err.to_record())
+
+    def full() -> bool:
+        return cfg.limit is not None and counts["input_rows"] >= cfg.limit
+
+    for batch in src.iter_rows(batch_size=cfg.read_batch_rows):
+        t0 = time.perf_counter()
+        built = []
+        for raw in batch:
+            if full():
+                break
+            counts["input_rows"] += 1
+            r = build_request(raw, spec)
+            if isinstance(r, RowError):
+                fail(r)
+                continue
+            if dups.seen(r.id):
+                text = raw.raw if raw.raw is not None else json.dumps(raw.data, ensure_ascii=False, default=str)
+                fail(RowError(raw.index, r.id, f"duplicate id {r.id!r}", text))
+                continue
+            if raw.index in done_errors or (r.id, r.content_hash) in done:
+                counts["skipped_done"] += 1
+                continue
+            try:
+                over = {k: v for k, v in r.params.items() if k in _SAMPLING_KEYS}
+                params = base.replace(**over) if over else base
+            except ValueError as e:
+                fail(RowError(raw.index, r.id, str(e).splitlines()[0], raw.raw))
+                continue
+            built.append((r, params))
+        t1 = time.perf_counter()
+        timings["read_build"] += t1 - t0
+        n_tok = 0
+        encoded = chat_token_ids(tok, [r for r, _ in built], cfg.thinking) if built else []
+        for (r, params), (toks, think, err) in zip(built, encoded):
+            if err is not None:
+                fail(RowError(r.index, r.id, err, json.dumps({"messages": r.messages}, ensure_ascii=False)))
+                continue
+            if cfg.shard and shard_of(toks, cfg.shard[1]) != cfg.shard[0]:
+                counts["out_of_shard"] += 1
+                continue
+            rows[r.id] = _Row(r, toks, params, think)
+            n_tok += len(toks)
+        timings["tokenize"] += time.perf_counter() - t1
+        if read_bar is not None:
+            read_bar.update(len(batch))
+            tok_bar.update(n_tok)
+        if full():
+            break
+    for b in (read_bar, tok_bar):
+        if b is not None:
+            b.close()
+    return rows
+
+
+def _generate(llm, rows: dict[str, _Row], cfg: RunConfig):
+    if llm is None:
+        return
+    keys = list(rows)
+    planned = llm.plan_requests(keys, [rows[k].ids for k in keys], [rows[k].params for k in keys],
+                                [rows[k].thinking for k in keys])
+
+    def remember_groups(it):
+        for r in it:
+            rows[r.request_id].group = r.group
+            yield r
+
+    yield from llm.generate_stream(remember_groups(planned))
+
+
+def _summary(cfg, fp, writer, counts, timings, wall, llm, card, private) -> dict:
     """Figures from the rows actually in the output (so a resumed run reports the whole job), plus
     what this invocation did."""
     from batchv4.accounting.summary import compare_cards, summarize
@@ -243,9 +362,8 @@ def _summary(cfg, fp, writer, counts, timings, wall, llm, card, private, is_open
             "reasoning_tokens", "cost_usd", "cost_usd_self_hosted", "engine_seconds"]
     table = read_output_parts(cfg.output, cols, cfg.storage_options or None)
     totals = summarize(table.to_pylist())
-    now = datetime.now(timezone.utc)
-    st = llm.stats()
-    gen = totals.completion_tokens
+    st = llm.stats() if llm is not None else _NO_STATS
+    gen = st["decode_tokens"]
     return {
         "fingerprint": fp,
         "config": cfg.public(),
@@ -269,18 +387,10 @@ def _summary(cfg, fp, writer, counts, timings, wall, llm, card, private, is_open
         "compare": [
             {"card": q.card, "label": q.label, "window": q.window, "at": q.at.isoformat(),
              "cost_usd": q.cost_usd, "approximate": q.approximate}
-            for q in compare_cards(totals, now, private=private)
+            for q in compare_cards(totals, _now(), private=private)
         ],
         "notes": "Other providers' cards are approximate: their tokenizers differ from V4's.",
     }
-
-
-def _openai_rows(out_url: str, so) -> tuple[list[dict], list[dict]]:
-    from batchv4.io.writers import read_errors, read_output_parts
-
-    rows = read_output_parts(out_url, None, so).to_pylist()
-    errs = read_errors(out_url, None, so).to_pylist()
-    return rows, errs
 
 
 def _write_json(out_url: str, name: str, obj: dict, so) -> None:
@@ -294,46 +404,64 @@ def _amortize(buf: list[dict]) -> list[dict]:
     """cost_usd_amortized: the shared prefix's input cost spread evenly over the rows of the same
     plan group within this part (the sum over the group's rows is unchanged)."""
     from batchv4.accounting.amortize import PricedRow, amortized_costs
-    from batchv4.accounting.pricing import RowCost, RowUsage
+    from batchv4.accounting.pricing import RowUsage
 
     priced = []
     for r in buf:
         u = RowUsage(r["prompt_cache_hit_tokens"], r["prompt_cache_miss_tokens"], r["completion_tokens"],
                      r["reasoning_tokens"])
-        c = r.pop("_cost")
-        priced.append(PricedRow(u, c))
+        priced.append(PricedRow(u, r.pop("_cost")))
     for r, a in zip(buf, amortized_costs(priced, [r.pop("_group") for r in buf])):
         r["cost_usd_amortized"] = a
     return buf
 
 
-def _clear(url: str, so) -> None:
-    from batchv4.io.urls import get_fs
+def _remove(url: str, names, so) -> None:
+    from batchv4.io.urls import get_fs, join
 
     fs, path = get_fs(url, so)
+    for name in names:
+        p = join(fs, path, name)
+        if fs.exists(p):
+            fs.rm_file(p)
+
+
+def _clear(url: str, so) -> None:
+    """Remove a previous run's files (the manifest first, so a kill midway leaves no listed part
+    behind); other files in the folder are left alone."""
+    import re
+
+    from batchv4.io.urls import get_fs
+
+    _remove(url, _RUN_FILES[:1], so)
+    fs, path = get_fs(url, so)
+    pat = re.compile(r"^\.?(part|errors)-\d{5,}\.parquet(\.tmp-[0-9a-f]+)?$")
     for p in fs.ls(path, detail=False):
-        fs.rm(p, recursive=True)
+        if pat.match(p.rstrip("/").rsplit("/", 1)[-1]):
+            fs.rm_file(p)
+    _remove(url, _RUN_FILES[1:], so)
 
 
 def _default_llm(cfg: RunConfig):
     from batchv4.engine.llm import LLM
 
     return LLM(cfg.model, device=cfg.device, kv_cache_memory=cfg.kv_cache_memory,
-               max_num_batched_tokens=cfg.max_batched_tokens, seed=cfg.seed)
+               max_num_batched_tokens=cfg.max_batched_tokens, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
+               max_model_len=cfg.max_model_len)
 
 
-def _bar(total: int, quiet: bool):
+def _bar(quiet: bool, desc: str, unit: str, total: int | None = None):
     if quiet:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="generate", unit="row", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "tok", dynamic_ncols=True, leave=False)
 
 
-def _output_rows(row: _Row, out, card, llm, totals: dict) -> list[dict]:
+def _output_rows(row: _Row, out, card, llm, progress: dict) -> list[dict]:
     from batchv4.accounting.pricing import price_row_detail, self_hosted_cost
 
-    now = datetime.now(timezone.utc)
+    now = _now()
     recs = []
     n_prompt = len(out.prompt_token_ids)
     for c in out.outputs:
@@ -343,23 +471,21 @@ def _output_rows(row: _Row, out, card, llm, totals: dict) -> list[dict]:
         usage = {"prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": n_prompt - hit,
                  "completion_tokens": len(c.token_ids), "reasoning_tokens": c.num_reasoning_tokens}
         detail = price_row_detail(usage, card, now)
-        cost = None if detail is None else detail.total_usd
         secs = _engine_seconds(llm, n_prompt - hit + len(c.token_ids))
-        rec = {"id": row.req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
-               "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage,
-               "cost_usd": cost, "cost_usd_self_hosted": self_hosted_cost(secs, card), "engine_seconds": secs,
-               "_cost": detail, "_group": row.group,
-               "finished_at": now, "content_hash": row.req.content_hash, **row.req.keep}
-        recs.append(rec)
-        totals["rows"] += 1
-        totals["prompt_tokens"] += n_prompt
-        for k in ("prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens", "reasoning_tokens"):
-            totals[k] += usage[k]
-        totals["cost_usd"] += cost or 0.0
+        recs.append({"id": row.req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
+                     "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage,
+                     "cost_usd": None if detail is None else detail.total_usd,
+                     "cost_usd_self_hosted": self_hosted_cost(secs, card), "engine_seconds": secs,
+                     "_cost": detail, "_group": row.group,
+                     "finished_at": now, "content_hash": row.req.content_hash, **row.req.keep})
+        progress["rows"] += 1
+        progress["prompt_tokens"] += n_prompt
+        progress["prompt_cache_hit_tokens"] += hit
+        progress["completion_tokens"] += len(c.token_ids)
     return recs
 
 
 def _engine_seconds(llm, tokens: int) -> float:
     st = llm.stats()
-    done = st["prefill_tokens"] + st["decode_tokens"]
-    return st["forward_seconds"] * tokens / done if done else 0.0
+    computed = st["prefill_tokens"] + st["decode_tokens"]
+    return st["forward_seconds"] * tokens / computed if computed else 0.0

@@ -21,7 +21,7 @@ from batchv4.config import PRESET_NAMES, ModelConfig
 from batchv4.engine.cache_manager import CacheManager, NoSpace
 from batchv4.engine.detokenizer import IncrementalDetokenizer
 from batchv4.engine.outputs import CompletionOutput, RequestOutput
-from batchv4.engine.runner import ModelRunner, size_cache
+from batchv4.engine.runner import ModelRunner, NoMathRunner, size_cache
 from batchv4.engine.sampler import RowState, Sampler
 from batchv4.engine.sampling_params import SamplingParams
 from batchv4.engine.scheduler import EngineRequest, SavePlan, Scheduler, Sequence
@@ -65,7 +65,9 @@ class LLM:
                  kv_cache_memory: int | str = "512MiB", max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, max_snapshots: int = 64, seed: int = 0, page_size: int = 64,
                  max_model_len: int | None = None, layers: list[int] | None = None,
-                 use_kernels: bool | None = None) -> None:
+                 use_kernels: bool | None = None, dry_run: bool = False) -> None:
+        """`dry_run` builds the model on the meta device and runs the scheduler and cache manager
+        with a runner that does no math (bookkeeping at real geometries on any machine)."""
         from batchv4.model.model import Transformer
 
         if max_num_batched_tokens < 1:
@@ -78,7 +80,10 @@ class LLM:
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.seed = seed
-        if model in PRESET_NAMES:
+        if dry_run:
+            with torch.device("meta"):
+                self.model = Transformer(self.cfg, layers)
+        elif model in PRESET_NAMES:
             self.model = Transformer(self.cfg, layers).init_random(seed).to(self.device, self.dtype)
         else:
             from batchv4.model.checkpoint import load_checkpoint
@@ -87,14 +92,16 @@ class LLM:
                 self.model = Transformer(self.cfg, layers)
             load_checkpoint(self.model, model, layers=layers, dtype=self.dtype, device=str(self.device))
         self.model.eval()
-        self.model.set_kernels(self.device.type == "cuda" if use_kernels is None else use_kernels)
+        if not dry_run:
+            self.model.set_kernels(self.device.type == "cuda" if use_kernels is None else use_kernels)
         from batchv4.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model if os.path.isdir(model) else None)
         self.layout = self.model.cache_layout(self.dtype, page_size)
         slots, pages = size_cache(self.layout, parse_bytes(kv_cache_memory), max_num_seqs, max_snapshots)
         self.cache = CacheManager(self.layout.ratios, page_size, pages, slots)
-        self.runner = ModelRunner(self.model, self.layout, slots, pages, self.device)
+        self.runner = NoMathRunner(self.cfg.vocab_size) if dry_run else \
+            ModelRunner(self.model, self.layout, slots, pages, self.device)
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
         self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, self.max_model_len)
         self.sampler = Sampler(seed)

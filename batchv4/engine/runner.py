@@ -79,3 +79,32 @@ class ModelRunner:
                     cache.snapshots[ch.save.key].logits = logits[row]
                 row += 1
         return out
+
+
+class _NoPools:
+    def copy_slot(self, src: int, dst: int) -> None:
+        pass
+
+    def copy_page(self, ratio: int, src: int, dst: int) -> None:
+        pass
+
+
+class NoMathRunner:
+    """Stands in for ModelRunner when only the bookkeeping is measured (real geometries on a CPU):
+    every chunk that needs logits gets uniform logits, nothing is computed or allocated."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.pools = _NoPools()
+        self.forward_seconds = 0.0
+
+    def execute(self, plan: StepPlan, cache: CacheManager) -> dict[int, torch.Tensor]:
+        out = {}
+        for ch in plan.chunks:
+            if ch.needs_logits:
+                out[ch.seq.seq_id] = torch.zeros(self.vocab_size)
+                if ch.save is not None and ch.save.key in cache.snapshots:
+                    cache.snapshots[ch.save.key].logits = out[ch.seq.seq_id]
+            if ch.save is not None and ch.save.key in cache.snapshots:
+                cache.snapshots[ch.save.key].ready = True
+        return out

@@ -43,12 +43,15 @@ class Attention(nn.Module):
             self.compressor = Compressor(cfg, ratio, cfg.head_dim)
         if self.kind == "csa":
             self.indexer = Indexer(cfg)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg, compressed=ratio > 0), persistent=False)
+        # computed on first use (not a buffer: a model built on the meta device must not keep it there)
+        self._inv_freq: torch.Tensor | None = None
         self.sim = False  # FP8/FP4 activation-quantization simulation (set by the model)
 
     # ---- token-wise parts shared by both forwards -------------------------------------------------
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(self.inv_freq, positions)
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = rope_inv_freq(self.cfg, compressed=self.ratio > 0).to(positions.device)
+        return rope_cos_sin(self._inv_freq, positions)
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """x [T, D] -> q [T, H, Dh], kv [T, Dh] (x.dtype), qa [T, q_lora], cos/sin [T, R/2]."""

@@ -62,7 +62,7 @@ def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> torch.Tensor:
     (no mscale); window-only layers the plain base."""
     dim = cfg.rope_head_dim
     base = cfg.compress_rope_theta if compressed else cfg.rope_theta
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     if compressed and cfg.rope_factor and cfg.rope_factor != 1.0:
         def corr(rot: float) -> float:
             return dim * math.log(cfg.original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
@@ -71,7 +71,7 @@ def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> torch.Tensor:
         hi = min(math.ceil(corr(cfg.beta_slow)), dim - 1)
         if lo == hi:
             hi += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
         inv = inv / cfg.rope_factor * ramp + inv * (1 - ramp)
     return inv.float()
 

@@ -42,6 +42,17 @@ def branch_points(prompts: Sequence[Sequence[int]], min_share: int = 1) -> dict[
     return out
 
 
+def snapshot_prefixes(prompts: Sequence[Sequence[int]], min_share: int) -> set[tuple[int, ...]]:
+    """The branch points that get a snapshot: decided shortest first, each one if it is at least
+    min_share tokens longer than the longest snapshot already chosen that is a prefix of it."""
+    chosen: set[tuple[int, ...]] = set()
+    for prefix in sorted(branch_points(prompts), key=len):
+        above = max((len(q) for q in chosen if prefix[:len(q)] == q), default=0)
+        if len(prefix) - above >= min_share:
+            chosen.add(prefix)
+    return chosen
+
+
 def shared_with_earlier(prompts_in_order: Sequence[Sequence[int]]) -> list[int]:
     """For each prompt, the longest prefix it shares with any earlier prompt (pairwise)."""
     out = []

@@ -7,14 +7,18 @@ that are global to a plan (planner.py maps local ids to global ones).
 
 Ordering: depth-first; at every node, first the requests that end there (a prompt that is a prefix
 of others saves the snapshot at its full length), then the children by ascending number of
-requests in their subtree, ties in token order. A snapshot is freed when its node's last child
-starts, so visiting the largest child last keeps at most about log2(rows) snapshots live.
+requests in their subtree, ties in token order. A snapshot can be freed once its subtree's last
+branch has started, so visiting the largest child last keeps at most about log2(rows) + 1
+snapshots live (each live one has us inside a child no larger than half its parent's subtree).
 
-Snapshots: a node at depth d >= min_share whose path continues in two or more ways (children, or
-requests ending there) gets one snapshot, saved at pos d by the first request that passes it;
-every later item of the node resumes from it once, so uses = items - 1. In depth-first order the
-node where a request leaves the previous request's path is the deepest node it shares with any
-earlier request, so resuming there computes every tree token exactly once.
+Snapshots: a branch point (a node whose path continues in two or more ways: children, or requests
+ending there) gets one snapshot, saved at its depth by the first request that passes it, if it
+saves at least `min_share` tokens over the nearest snapshot above it (over position 0 if none;
+so never for a prefix shorter than min_share). Decided top-down. In depth-first order the node
+where a request leaves the previous request's path is the deepest node it shares with any earlier
+request; the request resumes from the nearest snapshot at or above that node, which is the deepest
+snapshot on its path saved earlier. With min_share = 1 every branch point has a snapshot, and
+every tree token is computed exactly once.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# A node is a list for speed: [depth, items, subtree_requests, snap_id]; items are child nodes or
-# ints (window-local rows of requests that end at this node).
-_DEPTH, _ITEMS, _SIZE, _SNAP = 0, 1, 2, 3
+# A node is a list for speed: [depth, items, subtree_requests]; items are child nodes or ints
+# (window-local rows of requests that end at this node).
+_DEPTH, _ITEMS, _SIZE = 0, 1, 2
 
 
 @dataclass
@@ -60,7 +64,7 @@ def _finish(node: list) -> None:
 
 def build_tree(lens: list[int], lcp: list[int]) -> list:
     """Compressed trie of rows in lexicographic order (lcp[0] is ignored); returns the root."""
-    root: list = [0, [], 0, -1]
+    root: list = [0, [], 0]
     stack = [root]
     for r, length in enumerate(lens):
         d = lcp[r] if r else 0
@@ -71,19 +75,29 @@ def build_tree(lens: list[int], lcp: list[int]) -> list:
         top = stack[-1]
         if top[_DEPTH] < d:
             # Row r leaves the previous row's path inside the edge to `popped`: split it at d.
-            mid = [d, [popped], 0, -1]
+            mid = [d, [popped], 0]
             top[_ITEMS][-1] = mid
             stack.append(mid)
             top = mid
         if length == top[_DEPTH]:
             top[_ITEMS].append(r)
         else:
-            leaf = [length, [r], 0, -1]
+            leaf = [length, [r], 0]
             top[_ITEMS].append(leaf)
             stack.append(leaf)
     while stack:
         _finish(stack.pop())
     return root
+
+
+def _max_live(saved_at: list[int], last_use: list[int], requests: int) -> int:
+    """Most snapshots held at once: each from its saver's request through its last user's."""
+    if not saved_at:
+        return 0
+    delta = np.zeros(requests + 1, dtype=np.int64)
+    np.add.at(delta, np.asarray(saved_at), 1)
+    np.add.at(delta, np.asarray(last_use) + 1, -1)
+    return int(np.cumsum(delta).max())
 
 
 def plan_window(lens: np.ndarray, lcp: np.ndarray, min_share: int, api_unit: int) -> WindowPlan:
@@ -97,18 +111,22 @@ def plan_window(lens: np.ndarray, lcp: np.ndarray, min_share: int, api_unit: int
     rows: list[int] = []
     resume_snap: list[int] = []
     resume_pos: list[int] = []
-    saves: list[list[tuple[int, int, int]]] = []
+    save_ids: list[list[int]] = []
     api_hit: list[int] = []
-    pending: list[tuple[int, int, int]] = []
-    tree_tokens = prefill = 0
-    next_snap = uses_total = live = max_live = groups = 0
+    snap_pos: list[int] = []  # per local snapshot id
+    saved_at: list[int] = []  # request index (plan order) of the saver, per snapshot
+    last_use: list[int] = []
+    uses: list[int] = []
+    pending: list[int] = []
+    tree_tokens = prefill = groups = 0
     branch = 0  # depth where the next request leaves the previous request's path
-    resume, rpos, release = -1, 0, False
+    resume, rpos = -1, 0
 
-    frames = [[root, 0]]  # the root (depth 0) never holds a snapshot
+    # Frame: [node, next item, nearest snapshot at or above the node (-1: none), its depth].
+    frames = [[root, 0, -1, 0]]
     while frames:
         frame = frames[-1]
-        node, k = frame
+        node, k, anc, anc_depth = frame
         items = node[_ITEMS]
         if k == len(items):
             frames.pop()
@@ -116,34 +134,33 @@ def plan_window(lens: np.ndarray, lcp: np.ndarray, min_share: int, api_unit: int
         frame[1] = k + 1
         if k:
             branch = node[_DEPTH]
-            sid = node[_SNAP]
-            if sid >= 0:
-                resume, rpos, release = sid, branch, k == len(items) - 1
-            else:
-                resume, rpos, release = -1, 0, False
+            resume, rpos = anc, anc_depth
         item = items[k]
         if type(item) is not int:
-            if item[_DEPTH] >= min_share and len(item[_ITEMS]) >= 2:
-                uses = len(item[_ITEMS]) - 1
-                item[_SNAP] = next_snap
-                pending.append((next_snap, item[_DEPTH], uses))
-                next_snap += 1
-                uses_total += uses
-            frames.append([item, 0])
+            depth = item[_DEPTH]
+            if len(item[_ITEMS]) >= 2 and depth - anc_depth >= min_share:
+                sid = len(snap_pos)
+                snap_pos.append(depth)
+                uses.append(0)
+                last_use.append(0)
+                pending.append(sid)
+                frames.append([item, 0, sid, depth])
+            else:
+                frames.append([item, 0, anc, anc_depth])
             continue
+        index = len(rows)
         length = lens_l[item]
         rows.append(item)
         resume_snap.append(resume)
         resume_pos.append(rpos)
-        saves.append(pending)
-        live += len(pending)
+        save_ids.append(pending)
+        for sid in pending:
+            saved_at.append(index)  # ids are handed out and saved in the same order
         pending = []
-        if live > max_live:
-            max_live = live
-        if release:
-            live -= 1
-            release = False
-        if resume < 0:
+        if resume >= 0:
+            uses[resume] += 1
+            last_use[resume] = index
+        else:
             groups += 1
         tree_tokens += length - branch
         prefill += length - rpos
@@ -152,8 +169,9 @@ def plan_window(lens: np.ndarray, lcp: np.ndarray, min_share: int, api_unit: int
             shared = branch
         api_hit.append(shared - shared % api_unit)
 
+    saves = [[(sid, snap_pos[sid], uses[sid]) for sid in ids] for ids in save_ids]
     return WindowPlan(
         rows=rows, resume_snap=resume_snap, resume_pos=resume_pos, saves=saves, api_hit=api_hit,
-        tree_tokens=tree_tokens, planned_prefill=prefill, snapshots=next_snap,
-        snapshot_uses=uses_total, max_live=max_live, groups=groups,
+        tree_tokens=tree_tokens, planned_prefill=prefill, snapshots=len(snap_pos),
+        snapshot_uses=sum(uses), max_live=_max_live(saved_at, last_use, len(rows)), groups=groups,
     )

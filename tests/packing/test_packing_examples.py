@@ -94,6 +94,22 @@ def test_min_share_skips_short_shared_prefixes_but_tree_tokens_stays_ideal():
     assert (stats.tree_tokens, stats.planned_prefill_tokens, stats.groups) == (20, 20, 1)
 
 
+def test_no_snapshot_that_saves_fewer_than_min_share_tokens_over_the_one_above():
+    trunk = _seq(1, 100)
+    items = [PackInput("a0", trunk + [1, 2, 3] + [10] * 5), PackInput("a1", trunk + [1, 2, 3] + [11] * 5),
+             PackInput("b", trunk + [9] * 5)]
+    reqs, stats = plan_with_stats(items)  # min_share 16: the branch at 103 gains only 3 tokens
+    assert _view(reqs) == [
+        ("b", 0, None, 0, (SavePoint(0, 100, 2),)),
+        ("a0", 0, 0, 100, ()),
+        ("a1", 0, 0, 100, ()),
+    ]
+    assert (stats.tree_tokens, stats.planned_prefill_tokens, stats.max_live_snapshots) == (118, 121, 1)
+    reqs, stats = plan_with_stats(items, min_share=3)
+    assert _view(reqs)[1:] == [("a0", 0, 0, 100, (SavePoint(1, 103, 1),)), ("a1", 0, 1, 103, ())]
+    assert (stats.planned_prefill_tokens, stats.max_live_snapshots) == (118, 2)
+
+
 def test_group_split_over_windows_recomputes_the_trunk_once_per_window():
     trunk = _seq(1, 80)
     items = [PackInput(i, trunk + [1000 + i] * 3) for i in range(10)]

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from batchv4.packing import PackConfig, PackInput, plan, plan_with_stats
 from batchv4.packing.keys import bucket_of_key, grouping_key
-from batchv4.packing.reference import branch_points, distinct_prefix_tokens, replay, shared_with_earlier
+from batchv4.packing.reference import (
+    branch_points,
+    distinct_prefix_tokens,
+    replay,
+    shared_with_earlier,
+    snapshot_prefixes,
+)
 
 # A tiny vocabulary and short prompts, so that prefixes collide a lot.
 prompt = st.lists(st.integers(0, 3), max_size=12)
@@ -50,14 +56,19 @@ def test_single_window_matches_oracle(ps, min_share, api_unit):
     assert stats.tree_tokens == distinct
     if min_share == 1:
         assert sum(len(r.token_ids) - r.resume_pos for r in reqs) == distinct
-    # One snapshot per branch point of depth >= min_share, with uses = ways - 1.
+    # One snapshot per branch point that saves >= min_share tokens over the snapshot above it;
+    # with min_share 1 that is every branch point, used once per further way the path goes.
     saved = {tuple(r.token_ids[:s.pos]): s.uses for r in reqs for s in r.saves}
-    assert saved == branch_points(ps, min_share)
+    assert set(saved) == snapshot_prefixes(ps, min_share)
+    if min_share == 1:
+        assert saved == branch_points(ps)
     # Each request resumes from the deepest snapshot on its path saved earlier ...
     assert [r.resume_pos for r in reqs] == _deepest_earlier_snapshot(reqs)
-    # ... which is the longest prefix shared with an earlier request, unless below min_share.
+    # ... the deepest snapshot within the longest prefix it shares with an earlier request.
     shared = shared_with_earlier([r.token_ids for r in reqs])
-    assert [r.resume_pos for r in reqs] == [s if s >= min_share else 0 for s in shared]
+    for r, s in zip(reqs, shared):
+        head = tuple(r.token_ids[:s])
+        assert r.resume_pos == max((len(q) for q in saved if head[:len(q)] == q), default=0)
     assert [r.api_hit_tokens for r in reqs] == [s - s % api_unit for s in shared]
 
     assert stats.rows == len(ps) == summary.requests

@@ -13,8 +13,8 @@ from batchv4.packing import PackConfig, PackInput, PlanStats, plan
 from batchv4.packing.keystore import KeyStore, decode_key, encode_key
 
 SMALL = PackConfig(
-    window_rows=500, window_tokens=4000, key_tokens=4, min_share=2, n_buckets=8, sort_rows=1000,
-    sort_tokens=8000, spill_buffer_rows=1000, spill_buffer_tokens=8000,
+    window_rows=200, window_tokens=1600, key_tokens=4, min_share=2, n_buckets=8, sort_rows=300,
+    sort_tokens=2400, spill_buffer_rows=500, spill_buffer_tokens=4000,
 )
 
 
@@ -55,10 +55,10 @@ def _peak(n: int) -> int:
 
 
 def test_peak_heap_does_not_grow_with_the_input():
-    small, double = _peak(10_000), _peak(20_000)
+    small, double = _peak(5_000), _peak(10_000)
     # Bounded by the window, sort and buffer sizes (plus the test's own 1-byte-per-row array).
-    assert small < 4 * 2**20 and double < 4 * 2**20
-    assert double < small + 2**20
+    assert small < 2**20 and double < 2**20
+    assert double < small + 2**18
 
 
 def test_spill_directory_is_removed_when_done_or_abandoned(tmp_path):
@@ -74,14 +74,16 @@ def test_spill_directory_is_removed_when_done_or_abandoned(tmp_path):
 
 def test_one_huge_group_goes_through_the_external_sort():
     trunk = list(range(100, 140))
-    items = [PackInput(i, trunk + [i % 97, i % 89]) for i in range(5000)]
+    # 5000 distinct rows (131 and 41 are coprime) in subgroups of about 38 rows sharing 41 tokens.
+    items = [PackInput(i, trunk + [i % 131, i % 41]) for i in range(5000)]
+    cfg = PackConfig(**{**SMALL.__dict__, "window_rows": 500, "window_tokens": 4000})
     stats = PlanStats()
-    out = list(plan(items, config=SMALL, stats=stats))
+    out = list(plan(items, config=cfg, stats=stats))
     assert sorted(r.key for r in out) == list(range(5000))
-    # One bucket sorted as a whole: the windows together lose only the trunk at each cut, and the
-    # cuts fall where only the trunk is shared (lcp 40), never inside a 41-token subgroup.
+    # One bucket sorted as a whole (88 runs, merged in two passes): the windows together lose only
+    # the trunk at each cut, and every cut falls between subgroups (lcp 40), never inside one.
     assert stats.windows >= 5000 * 42 // 4000
-    assert stats.tree_tokens - stats.split_recompute_tokens == 40 + 97 + 5000
+    assert stats.tree_tokens - stats.split_recompute_tokens == 40 + 131 + 5000
     assert stats.split_recompute_tokens == 40 * (stats.windows - 1)
 
 
