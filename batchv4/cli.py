@@ -63,3 +63,7 @@ def main() -> None:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         click.echo(f"Error: {msg}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

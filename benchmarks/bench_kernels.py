@@ -31,7 +31,7 @@ FLASH = dict(hidden=4096, experts=256, topk=6, inter=2048, heads=64, head_dim=51
 # Same structure, interpreter-sized: `--cpu-smoke --timings` runs the whole harness on CPU.
 TINY = dict(hidden=64, experts=4, topk=2, inter=32, heads=4, head_dim=64, window=8, attn_topk=8,
             idx_heads=4, idx_dim=32, hc=4, context=128, page=4, tokens=(1, 9), quick_tokens=(1, 9),
-            moe_other_tokens=(9,), decode_batches=(1, 3), prefill_tokens=16, quant_k=256,
+            moe_other_tokens=(9,), decode_batches=(1, 3), prefill_tokens=8, quant_k=256,
             linears=((64, 256, "tiny"),), pool_d=16, hca_ratio=8, pool_lengths=(64,), mhc_tokens=(1, 17))
 
 

@@ -64,7 +64,7 @@ def indexer_topk_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < DI
     q = tl.load(q_ptr + t * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_h[:, None] < HI) & d_mask[None, :], other=0.0).to(tl.float32)
+                mask=(offs_h[:, None] < HI) & d_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_D] as stored
     w = tl.load(w_ptr + t * stride_wt + offs_h, mask=offs_h < HI, other=0.0).to(tl.float32)
     dot_dtype = q_ptr.dtype.element_ty
     lane = tl.arange(0, KPAD)
@@ -77,11 +77,11 @@ def indexer_topk_kernel(
             page = tl.load(page_ptr + seq * stride_pt + j // P, mask=valid, other=0).to(tl.int64)
             rows = page * stride_kp + (j % P).to(tl.int64) * stride_kr
             k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             if DOT_F32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
-                s = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)))
+                s = tl.dot(q, tl.trans(k.to(dot_dtype)))
             score = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0)  # [BLOCK_N]
             keys = _make_keys(score, j, valid)
             # Put this sub-block's keys at lanes sb*BLOCK_N .. sb*BLOCK_N + BLOCK_N - 1 of the stage.

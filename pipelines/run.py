@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 # files a run writes besides its parts; an --overwrite removes exactly these (manifest first)
 _RUN_FILES = ("manifest.json", "summary.json", "output.jsonl")
-_NO_STATS = {"forward_seconds": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0,
-             "preemptions": 0, "snapshot_evictions": 0, "peak_snapshots": 0}
 _EFFORTS = (None, "high", "max")      # what the V4 chat encoding knows
 
 
@@ -196,6 +194,7 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
     from batchv4.io.readers import open_input
     from batchv4.io.schema import keep_fields
     from batchv4.io.writers import PartWriter, check_writable
+    from batchv4.pipelines.run_output import amortize, output_rows, summary, write_json
 
     base = _check_options(cfg)
     so = cfg.storage_options or None
@@ -210,13 +209,15 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
 
     writer = PartWriter(cfg.output, kept=kept, meta={"fingerprint": fp, "config": cfg.public()}, storage_options=so)
     t_start = time.perf_counter()
-    timings = {"read_build": 0.0, "tokenize": 0.0, "plan_engine": 0.0, "account_write": 0.0}
+    timings = {"read_build": 0.0, "tokenize": 0.0, "engine_build": 0.0, "plan_engine": 0.0, "account_write": 0.0}
     counts = {"input_rows": 0, "skipped_done": 0, "error_rows": 0, "out_of_shard": 0}
     errors: list[dict] = []
     rows = _collect(cfg, src, spec, base, done, done_errors, errors, counts, timings)
 
-    llm = (llm_factory or _default_llm)(cfg) if rows else None
     t_engine = time.perf_counter()
+    llm = (llm_factory or _default_llm)(cfg) if rows else None
+    timings["engine_build"] = time.perf_counter() - t_engine
+    t_engine += timings["engine_build"]
     buf: list[dict] = []
     progress = {"rows": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "completion_tokens": 0}
     pbar = _bar(cfg.quiet, "generate", "row", total=len(rows))
@@ -228,9 +229,9 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
             errors.append({"id": row.req.id, "row_index": row.req.index, "error": first.error,
                            "raw": json.dumps({"messages": row.req.messages}, ensure_ascii=False)})
         else:
-            buf.extend(_output_rows(row, out, card, llm, progress))
+            buf.extend(output_rows(row.req, row.group, out, card, llm, _now(), progress))
         if len(buf) >= cfg.part_rows:
-            writer.write_part(_amortize(buf))
+            writer.write_part(amortize(buf))
             buf = []
         if len(errors) >= cfg.part_rows:
             counts["error_rows"] += len(errors)
@@ -246,21 +247,21 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
     if pbar is not None:
         pbar.close()
     t0 = time.perf_counter()
-    writer.write_part(_amortize(buf))
+    writer.write_part(amortize(buf))
     counts["error_rows"] += len(errors)
     writer.write_errors(errors)
     timings["account_write"] += time.perf_counter() - t0
     timings["plan_engine"] = time.perf_counter() - t_engine - timings["account_write"]
     wall = time.perf_counter() - t_start
-    summary = _summary(cfg, fp, writer, counts, timings, wall, llm, card, private)
-    _write_json(cfg.output, "summary.json", summary, so)
+    result = summary(cfg, fp, writer, counts, timings, wall, llm, card, private, _now())
+    write_json(cfg.output, "summary.json", result, so)
     if src.format == "openai":
         from batchv4.io.openai_batch import write_openai_batch_output
         from batchv4.io.writers import read_errors, read_output_parts
 
         write_openai_batch_output(cfg.output, read_output_parts(cfg.output, None, so).to_pylist(),
                                   read_errors(cfg.output, None, so).to_pylist(), model=cfg.model, storage_options=so)
-    return summary
+    return result
 
 
 def _collect(cfg, src, spec, base, done, done_errors, errors, counts, timings) -> dict[str, _Row]:
@@ -352,70 +353,6 @@ def _generate(llm, rows: dict[str, _Row], cfg: RunConfig):
     yield from llm.generate_stream(remember_groups(planned))
 
 
-def _summary(cfg, fp, writer, counts, timings, wall, llm, card, private) -> dict:
-    """Figures from the rows actually in the output (so a resumed run reports the whole job), plus
-    what this invocation did."""
-    from batchv4.accounting.summary import compare_cards, summarize
-    from batchv4.io.writers import read_output_parts
-
-    cols = ["prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens",
-            "reasoning_tokens", "cost_usd", "cost_usd_self_hosted", "engine_seconds"]
-    table = read_output_parts(cfg.output, cols, cfg.storage_options or None)
-    totals = summarize(table.to_pylist())
-    st = llm.stats() if llm is not None else _NO_STATS
-    gen = st["decode_tokens"]
-    return {
-        "fingerprint": fp,
-        "config": cfg.public(),
-        "price_card": card.name,
-        "counts": {**counts, "output_rows": writer.rows_written, "error_rows": writer.error_rows_written},
-        "totals": totals.to_dict(),
-        "this_run": {
-            "wall_seconds": wall,
-            "engine_forward_seconds": st["forward_seconds"],
-            "prefill_tokens_computed": st["prefill_tokens"],
-            "decode_tokens": st["decode_tokens"],
-            "cached_prompt_tokens": st["cached_prompt_tokens"],
-            "tokens_per_second": (st["prefill_tokens"] + st["decode_tokens"] + st["cached_prompt_tokens"])
-            / wall if wall > 0 else 0.0,
-            "generated_tokens_per_second": gen / wall if wall > 0 else 0.0,
-            "preemptions": st["preemptions"],
-            "snapshot_evictions": st["snapshot_evictions"],
-            "peak_snapshots": st["peak_snapshots"],
-            "seconds_by_stage": timings,
-        },
-        "compare": [
-            {"card": q.card, "label": q.label, "window": q.window, "at": q.at.isoformat(),
-             "cost_usd": q.cost_usd, "approximate": q.approximate}
-            for q in compare_cards(totals, _now(), private=private)
-        ],
-        "notes": "Other providers' cards are approximate: their tokenizers differ from V4's.",
-    }
-
-
-def _write_json(out_url: str, name: str, obj: dict, so) -> None:
-    from batchv4.io.urls import get_fs, join, write_atomic
-
-    fs, path = get_fs(out_url, so)
-    write_atomic(fs, join(fs, path, name), json.dumps(obj, indent=2, default=str).encode())
-
-
-def _amortize(buf: list[dict]) -> list[dict]:
-    """cost_usd_amortized: the shared prefix's input cost spread evenly over the rows of the same
-    plan group within this part (the sum over the group's rows is unchanged)."""
-    from batchv4.accounting.amortize import PricedRow, amortized_costs
-    from batchv4.accounting.pricing import RowUsage
-
-    priced = []
-    for r in buf:
-        u = RowUsage(r["prompt_cache_hit_tokens"], r["prompt_cache_miss_tokens"], r["completion_tokens"],
-                     r["reasoning_tokens"])
-        priced.append(PricedRow(u, r.pop("_cost")))
-    for r, a in zip(buf, amortized_costs(priced, [r.pop("_group") for r in buf])):
-        r["cost_usd_amortized"] = a
-    return buf
-
-
 def _remove(url: str, names, so) -> None:
     from batchv4.io.urls import get_fs, join
 
@@ -456,36 +393,3 @@ def _bar(quiet: bool, desc: str, unit: str, total: int | None = None):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "tok", dynamic_ncols=True, leave=False)
-
-
-def _output_rows(row: _Row, out, card, llm, progress: dict) -> list[dict]:
-    from batchv4.accounting.pricing import price_row_detail, self_hosted_cost
-
-    now = _now()
-    recs = []
-    n_prompt = len(out.prompt_token_ids)
-    for c in out.outputs:
-        # the n samples share one prompt: its hits are counted on sample 0 only; later samples
-        # read the whole prompt from the cache
-        hit = out.num_cached_tokens if c.index == 0 else n_prompt
-        usage = {"prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": n_prompt - hit,
-                 "completion_tokens": len(c.token_ids), "reasoning_tokens": c.num_reasoning_tokens}
-        detail = price_row_detail(usage, card, now)
-        secs = _engine_seconds(llm, n_prompt - hit + len(c.token_ids))
-        recs.append({"id": row.req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
-                     "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage,
-                     "cost_usd": None if detail is None else detail.total_usd,
-                     "cost_usd_self_hosted": self_hosted_cost(secs, card), "engine_seconds": secs,
-                     "_cost": detail, "_group": row.group,
-                     "finished_at": now, "content_hash": row.req.content_hash, **row.req.keep})
-        progress["rows"] += 1
-        progress["prompt_tokens"] += n_prompt
-        progress["prompt_cache_hit_tokens"] += hit
-        progress["completion_tokens"] += len(c.token_ids)
-    return recs
-
-
-def _engine_seconds(llm, tokens: int) -> float:
-    st = llm.stats()
-    computed = st["prefill_tokens"] + st["decode_tokens"]
-    return st["forward_seconds"] * tokens / computed if computed else 0.0

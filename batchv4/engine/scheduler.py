@@ -127,8 +127,10 @@ class Scheduler:
                 continue
             self.running.append(seq)
             n = self._chunk_len(seq, budget)
-            if n == 0 or not self._reserve(seq, n, plan):
+            if n == 0:
                 continue
+            if not self._reserve(seq, n, plan):
+                break  # no pages even after preempting: it waits (at the head) for a later step
             self._add_chunk(plan, seq, n)
             budget -= n
         return plan

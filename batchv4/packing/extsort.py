@@ -95,7 +95,8 @@ def sorted_stream(bucket: RowFiles, config: PackConfig, stem: str) -> Iterator[C
                 for run in group:
                     run.delete()
             runs = merged
-        yield from _merge(runs, config, config.window_rows, config.window_tokens)
+        # Quarter-window chunks: the window cutter then holds little more than one window.
+        yield from _merge(runs, config, max(1, config.window_rows // 4), max(1, config.window_tokens // 4))
     finally:
         for leftover in range(counter):
             for suffix in (".tok", ".len", ".ord"):

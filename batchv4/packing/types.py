@@ -12,7 +12,7 @@ from typing import Sequence
 
 # Defaults, chosen for prompts of a few hundred to a few thousand tokens.
 DEFAULT_WINDOW_ROWS = 65_536
-DEFAULT_WINDOW_TOKENS = 8 * 2**20
+DEFAULT_WINDOW_TOKENS = 4 * 2**20
 # 64 = DEFAULT_API_UNIT: rows in different buckets then share fewer tokens than one API unit, so the
 # predicted API hits are exact across buckets (see planner.py).
 DEFAULT_KEY_TOKENS = 64
@@ -22,9 +22,9 @@ DEFAULT_MIN_SHARE = 16
 DEFAULT_API_UNIT = 64
 DEFAULT_BUCKETS = 256
 DEFAULT_SORT_ROWS = 262_144
-DEFAULT_SORT_TOKENS = 8 * 2**20
+DEFAULT_SORT_TOKENS = 4 * 2**20
 DEFAULT_SPILL_BUFFER_ROWS = 65_536
-DEFAULT_SPILL_BUFFER_TOKENS = 4 * 2**20
+DEFAULT_SPILL_BUFFER_TOKENS = 2 * 2**20
 DEFAULT_MERGE_FAN_IN = 16
 
 MAX_TOKEN_ID = 2**32 - 1
@@ -86,7 +86,7 @@ class PlanStats:
     # Part of tree_tokens caused by cutting a bucket into windows (trunks recomputed per window).
     split_recompute_tokens: int = 0
     # What the plan makes the engine prefill: prompt_tokens - engine_hit_tokens. Above tree_tokens
-    # only by shared prefixes shorter than min_share.
+    # only where min_share kept a snapshot out (it would have saved fewer than min_share tokens).
     planned_prefill_tokens: int = 0
     engine_hit_tokens: int = 0
     api_hit_tokens: int = 0
@@ -126,7 +126,9 @@ class PackConfig:
     window_rows / window_tokens: the exact prefix tree is built over at most this many rows or
         tokens at once (a single longer row still forms a window of its own).
     key_tokens: rows are grouped (bucketed, sharded) by a hash of their first key_tokens tokens.
-    min_share: shared prefixes shorter than this get no snapshot and are recomputed.
+    min_share: a branch point gets a snapshot only if it saves at least this many tokens over the
+        nearest snapshot above it (so never for a shared prefix shorter than this); the tokens it
+        would have saved are recomputed.
     api_unit: size of a provider cache unit, for the API hit prediction.
     n_buckets: spill buckets when the input exceeds one window.
     sort_rows / sort_tokens: a bucket up to this size is sorted in memory; larger ones, and the runs
@@ -134,6 +136,11 @@ class PackConfig:
     spill_buffer_rows / spill_buffer_tokens: rows buffered in memory before a write to the buckets.
     merge_fan_in: runs merged at once by the external sort.
     spill_dir: where the temporary spill directory is created (None: the system temp dir).
+
+    Memory is bounded by these sizes, not by the input: roughly 20 bytes per token of
+    max(window_tokens, sort_tokens) while sorting and planning, 4-8 bytes per token of
+    spill_buffer_tokens and of the first window, and a few hundred bytes per row of a window
+    (about 100 MiB with the defaults). Disk holds the whole input's tokens (4 bytes each).
     """
 
     window_rows: int = DEFAULT_WINDOW_ROWS

@@ -29,9 +29,12 @@ def one_thread():
 def test_n_samples_are_rows(tmp_path, capsys, fast_engine):
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Say yes."}, {"id": "b", "prompt": "Say no."}])
     out = str(tmp_path / "out")
-    code, _, err = run_main(["run", src, "-o", out, "-n", "3", "--temperature", "1.0", "--max-tokens", "4",
-                             "--quiet"], capsys)
+    code, stdout, err = run_main(["run", src, "-o", out, "-n", "3", "--temperature", "1.0", "--max-tokens", "4"],
+                                 capsys)
     assert code == 0, err
+    # without --quiet: progress bars on stderr, the table on stdout
+    assert all(f"{bar}:" in err for bar in ("read", "tokenize", "generate")) and "2/2" in err
+    assert stdout.startswith("output rows") and "DeepSeek V4 Pro" in stdout
     rows = read_outputs(out)
     assert sorted((r["id"], r["sample_index"]) for r in rows) == [(i, k) for i in "ab" for k in range(3)]
     for r in rows:

@@ -54,8 +54,9 @@ def assert_exactly_once(out, n_rows, ids_by_index):
 def test_bad_rows_become_error_rows_once(tmp_path, capsys, fast_engine):
     src = write_jsonl(tmp_path / "in.jsonl", BAD_LINES)
     out = str(tmp_path / "out")
-    code, _, err = run_main(["run", src, "-o", out, "--max-tokens", "4", "--max-model-len", "128", "--quiet"], capsys)
-    assert code == 0, err
+    code, stdout, err = run_main(["run", src, "-o", out, "--max-tokens", "4", "--max-model-len", "128", "--quiet"],
+                                 capsys)
+    assert code == 0 and stdout == "" and err == "", err   # --quiet: no bars, no table
     ids = {"ok-0": 0, "ok-1": 11, "msgs": 12}
     rows, errors = assert_exactly_once(out, len(BAD_LINES), ids)
     assert sorted(r["id"] for r in rows) == ["msgs", "ok-0", "ok-1"]

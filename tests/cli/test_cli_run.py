@@ -99,6 +99,8 @@ def test_jsonl_on_the_tiny_model(tmp_path, monkeypatch):
     # the four questions share a 60-token document: the plan serves it from the cache
     assert sum(r["prompt_cache_hit_tokens"] for r in rows) > 0
     s = check_summary(out, rows, [])
+    # amortizing the shared document moves cost between rows, never adds or removes any
+    assert sum(r["cost_usd_amortized"] for r in rows) == pytest.approx(sum(r["cost_usd"] for r in rows), rel=1e-12)
     for r in rows:
         assert r["finished_at"] == WEEKDAY_PEAK
         assert r["cost_usd"] == pytest.approx(calc_price_usd(r), rel=1e-12)
@@ -169,8 +171,11 @@ def test_openai_batch_in_and_out(tmp_path, monkeypatch, fast_engine):
          "body": {**body, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"}},
     ]
     src = write_jsonl(tmp_path / "batch.jsonl", lines)
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"cards": {"mine": {"input_per_mtok": 1.0, "cached_input_per_mtok": 0.1,
+                                                     "output_per_mtok": 2.0, "gpu_hour_usd": 3.6}}}))
     out = str(tmp_path / "out")
-    invoke([src, "-o", out, "--max-tokens", "5"])
+    invoke([src, "-o", out, "--max-tokens", "5", "--prices", str(prices), "--price", "mine"])
     rows = read_outputs(out)
     errors = read_error_rows(out)
     assert sorted((r["id"], r["sample_index"]) for r in rows) == [("a", 0), ("b", 0), ("b", 1), ("d", 0)]
@@ -178,7 +183,13 @@ def test_openai_batch_in_and_out(tmp_path, monkeypatch, fast_engine):
     by = {(r["id"], r["sample_index"]): r for r in rows}
     assert by["a", 0]["completion_tokens"] <= 2 and by["b", 0]["completion_tokens"] <= 3
     assert by["a", 0]["reasoning"] is None and by["d", 0]["reasoning"] is not None  # body's thinking wins
-    check_summary(out, rows, errors)
+    for r in rows:   # a private card: plain arithmetic, and engine seconds x the GPU-hour price
+        want = (r["prompt_cache_miss_tokens"] * 1.0 + r["prompt_cache_hit_tokens"] * 0.1
+                + r["completion_tokens"] * 2.0) / 1e6
+        assert r["cost_usd"] == pytest.approx(want, rel=1e-12)
+        assert r["engine_seconds"] > 0 and r["cost_usd_self_hosted"] == pytest.approx(r["engine_seconds"] / 1000)
+    s = check_summary(out, rows, errors)
+    assert s["totals"]["cost_usd_self_hosted"] == pytest.approx(sum(r["cost_usd_self_hosted"] for r in rows))
     with open(os.path.join(out, "output.jsonl")) as f:
         res = [json.loads(line) for line in f]
     assert sorted(x["custom_id"] for x in res) == ["a", "b", "c", "d", "e"]

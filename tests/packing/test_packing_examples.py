@@ -178,3 +178,23 @@ def test_bad_row_in_spill_path_is_named():
 def test_bad_options_raise_value_error_at_call_time(options, message):
     with pytest.raises(ValueError, match=message):
         plan([], **options)
+
+
+def test_replay_rejects_broken_plans():
+    from dataclasses import replace
+
+    trunk = _seq(10, 40)
+    good = list(plan([PackInput(k, trunk + [k]) for k in range(3)]))
+    replay(good)
+    first, second, third = good
+    broken = {
+        "was not saved earlier": [second, first, third],
+        "holds another prefix": [first, replace(second, resume_pos=39), third],
+        "never used up": [first, second],
+        "saved twice": [first, replace(second, saves=first.saves), third],
+        "not ascending": [replace(first, saves=(SavePoint(0, 42, 2),)), second, third],
+        "must start a new group": [first, second, replace(third, resume_snap=None, resume_pos=0)],
+    }
+    for message, requests in broken.items():
+        with pytest.raises(ValueError, match=message):
+            replay(requests)

@@ -140,7 +140,8 @@ def test_windows_and_spill(ps, cfg):
     for p in ps:
         by_bucket[bucket_of_key(grouping_key(p, cfg.key_tokens), cfg.n_buckets)].append(p)
     bucket_ideal = sum(distinct_prefix_tokens(b) for b in by_bucket.values())
-    assert stats.tree_tokens - stats.split_recompute_tokens == (bucket_ideal if stats.spilled else distinct_prefix_tokens(ps))
+    ideal = bucket_ideal if stats.spilled else distinct_prefix_tokens(ps)
+    assert stats.tree_tokens - stats.split_recompute_tokens == ideal
 
     # Rows with one grouping key: consecutive windows, and adjacent within each window.
     positions: dict[int, list[int]] = defaultdict(list)

@@ -1,0 +1,115 @@
+"""What a `run` writes per finished request and at its end: output rows with usage and cost, the
+amortized cost of shared prefixes, and `summary.json`.
+
+Owns: turning one engine `RequestOutput` into output rows (one per sample) by the accounting rules
+(hit + miss = prompt; reasoning inside completion; each row priced at its own finish time), the
+per-part amortization, and the summary's layout. Does not own: prices (`batchv4.accounting`), the
+job's flow and resume (`pipelines.run`), or file layouts (`batchv4.io`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+NO_STATS = {"forward_seconds": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0,
+            "preemptions": 0, "snapshot_evictions": 0, "peak_snapshots": 0}
+
+
+def output_rows(req, group: int | None, out, card, llm, now: datetime, progress: dict[str, int]) -> list[dict]:
+    """The output rows of one finished request (`req` is its `RowRequest`), finished at `now`.
+    Rows carry `_cost` and `_group` for `amortize`, which removes them."""
+    from batchv4.accounting.pricing import price_row_detail, self_hosted_cost
+
+    recs = []
+    n_prompt = len(out.prompt_token_ids)
+    for c in out.outputs:
+        # the n samples share one prompt: its hits are counted on sample 0 only; later samples
+        # read the whole prompt from the cache
+        hit = out.num_cached_tokens if c.index == 0 else n_prompt
+        usage = {"prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": n_prompt - hit,
+                 "completion_tokens": len(c.token_ids), "reasoning_tokens": c.num_reasoning_tokens}
+        detail = price_row_detail(usage, card, now)
+        secs = _engine_seconds(llm, n_prompt - hit + len(c.token_ids))
+        recs.append({"id": req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
+                     "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage,
+                     "cost_usd": None if detail is None else detail.total_usd,
+                     "cost_usd_self_hosted": self_hosted_cost(secs, card), "engine_seconds": secs,
+                     "_cost": detail, "_group": group,
+                     "finished_at": now, "content_hash": req.content_hash, **req.keep})
+        progress["rows"] += 1
+        progress["prompt_tokens"] += n_prompt
+        progress["prompt_cache_hit_tokens"] += hit
+        progress["completion_tokens"] += len(c.token_ids)
+    return recs
+
+
+def _engine_seconds(llm, tokens: int) -> float:
+    """Engine forward time attributed to a row: its computed tokens' share of all computed so far."""
+    st = llm.stats()
+    computed = st["prefill_tokens"] + st["decode_tokens"]
+    return st["forward_seconds"] * tokens / computed if computed else 0.0
+
+
+def amortize(buf: list[dict]) -> list[dict]:
+    """cost_usd_amortized: the shared prefix's input cost spread evenly over the rows of the same
+    plan group within this part (the sum over the group's rows is unchanged)."""
+    from batchv4.accounting.amortize import PricedRow, amortized_costs
+    from batchv4.accounting.pricing import RowUsage
+
+    priced = []
+    for r in buf:
+        u = RowUsage(r["prompt_cache_hit_tokens"], r["prompt_cache_miss_tokens"], r["completion_tokens"],
+                     r["reasoning_tokens"])
+        priced.append(PricedRow(u, r.pop("_cost")))
+    for r, a in zip(buf, amortized_costs(priced, [r.pop("_group") for r in buf])):
+        r["cost_usd_amortized"] = a
+    return buf
+
+
+def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm, card, private,
+            now: datetime) -> dict[str, Any]:
+    """Figures from the rows actually in the output (so a resumed run reports the whole job), plus
+    what this invocation did (`this_run`)."""
+    from batchv4.accounting.summary import compare_cards, summarize
+    from batchv4.io.writers import read_output_parts
+
+    cols = ["prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens",
+            "reasoning_tokens", "cost_usd", "cost_usd_self_hosted", "engine_seconds"]
+    totals = summarize(read_output_parts(cfg.output, cols, cfg.storage_options or None).to_pylist())
+    st = llm.stats() if llm is not None else NO_STATS
+    computed = st["prefill_tokens"] + st["decode_tokens"] + st["cached_prompt_tokens"]
+    return {
+        "fingerprint": fp,
+        "config": cfg.public(),
+        "price_card": card.name,
+        "counts": {**counts, "output_rows": writer.rows_written, "error_rows": writer.error_rows_written},
+        "totals": totals.to_dict(),
+        "this_run": {
+            "wall_seconds": wall,
+            "engine_forward_seconds": st["forward_seconds"],
+            "prefill_tokens_computed": st["prefill_tokens"],
+            "decode_tokens": st["decode_tokens"],
+            "cached_prompt_tokens": st["cached_prompt_tokens"],
+            "tokens_per_second": computed / wall if wall > 0 else 0.0,
+            "generated_tokens_per_second": st["decode_tokens"] / wall if wall > 0 else 0.0,
+            "preemptions": st["preemptions"],
+            "snapshot_evictions": st["snapshot_evictions"],
+            "peak_snapshots": st["peak_snapshots"],
+            "seconds_by_stage": timings,
+        },
+        "compare": [
+            {"card": q.card, "label": q.label, "window": q.window, "at": q.at.isoformat(),
+             "cost_usd": q.cost_usd, "approximate": q.approximate}
+            for q in compare_cards(totals, now, private=private)
+        ],
+        "notes": "Other providers' cards are approximate: their tokenizers differ from V4's.",
+    }
+
+
+def write_json(out_url: str, name: str, obj: dict, so) -> None:
+    from batchv4.io.urls import get_fs, join, write_atomic
+
+    fs, path = get_fs(out_url, so)
+    write_atomic(fs, join(fs, path, name), json.dumps(obj, indent=2, default=str).encode())
