@@ -35,7 +35,8 @@ def prompts_with_shared_prefixes():
     out = [doc + torch.randint(3, 512, (int(k),), generator=g).tolist() for k in (3, 9, 1, 14)]
     out += [sysp + torch.randint(3, 512, (int(k),), generator=g).tolist() for k in (5, 2, 30)]
     out += [torch.randint(3, 512, (int(k),), generator=g).tolist() for k in (1, 7, 70)]
-    out += [doc + [9, 9, 9], doc + [9, 9, 9]]           # duplicates: the second is fully cached
+    dup = sysp + list(range(100, 120))
+    out += [dup, list(dup)]                              # duplicates: the second is fully cached
     return out
 
 
