@@ -10,8 +10,9 @@ For each workload (benchmarks/workloads.py), with max_tokens 32 and the same set
   that holds a group's working set and with one that holds only a few groups;
 - throughput: end-to-end time against transformers' `generate` on the same weights, prompts and
   max_tokens, batch 16 with left padding; transformers is timed on one batch of 16 and scaled;
-- memory: paged bytes per cached token against the compressed size, snapshots held; also at
-  V4-Flash geometry with a runner that does no math (`LLM(dry_run=True)`);
+- memory: paged bytes per cached token against the compressed size, snapshots held, at the tiny
+  and the V4-Flash geometry with a runner that does no math (`LLM(dry_run=True)`);
+- work, too, is bookkeeping and runs with `dry_run` (the real scheduler and cache manager);
 - long: peak memory of one 64k-token prompt (chunked prefill; no square mask in memory).
 Ratios, not absolute times: the machine is shared and noisy.
 """
@@ -32,11 +33,17 @@ import workloads  # noqa: E402
 MAX_TOKENS = 32
 
 
-def loads():
+def loads(small: bool = False):
+    if small:   # the real-math runs (CPU time)
+        return {
+            "a_doc_questions": workloads.shuffled(workloads.doc_questions(n_docs=2, doc_len=(1000, 2000))),
+            "b_dataset_gen": workloads.shuffled(workloads.dataset_generation(n=32)),
+            "c_unique": workloads.shuffled(workloads.unique_prompts(n=16)),
+        }
     return {
-        "a_doc_questions": workloads.shuffled(workloads.doc_questions(n_docs=3)),
-        "b_dataset_gen": workloads.shuffled(workloads.dataset_generation(n=48)),
-        "c_unique": workloads.shuffled(workloads.unique_prompts(n=24)),
+        "a_doc_questions": workloads.shuffled(workloads.doc_questions(n_docs=12)),
+        "b_dataset_gen": workloads.shuffled(workloads.dataset_generation(n=256)),
+        "c_unique": workloads.shuffled(workloads.unique_prompts(n=64)),
     }
 
 
@@ -65,15 +72,17 @@ def lru_prefill(prompts, capacity_tokens):
 
 
 def part_work():
+    """Bookkeeping only (`dry_run`: the real scheduler and cache manager, a runner without math)."""
     print("\n## Prefill work: computed / tree tokens (lower is better, 1.00 is the least possible)\n")
-    print("| workload | budget | tree tokens | batchv4 (planned order) | LRU 16-token blocks, input order | preemptions | evictions |")
+    print("| workload | budget | tree tokens | batchv4 (planned order) | LRU 16-token blocks, input order, same capacity | preemptions | evictions |")
     print("|---|---|---|---|---|---|---|")
     for name, prompts in loads().items():
         tree = workloads.tree_tokens(prompts)
-        for label, mem, snaps, cap_tokens in (("holds a group", "256MiB", 64, 1 << 20),
-                                              ("a few groups", "24MiB", 3, 6000)):
-            llm = make_llm(mem, max_snapshots=snaps)
+        for label, mem, snaps in (("holds a group", "256MiB", 64), ("a few groups", "12MiB", 4)):
+            llm = make_llm(mem, max_snapshots=snaps, dry_run=True)
             _, st = run_ours(llm, prompts)
+            cm, lay = llm.cache, llm.layout
+            cap_tokens = min(cm.pages[r].n * lay.page_size * r for r in lay.ratios)
             ours = st["prefill_tokens"] / tree
             lru = lru_prefill(prompts, cap_tokens) / tree
             print(f"| {name} | {label} | {tree:,} | {ours:.3f} | {lru:.3f} | {st['preemptions']} | "
@@ -108,7 +117,7 @@ def part_throughput():
     print("\n## End-to-end time against transformers generate (tiny preset, fp32, CPU)\n")
     print("| workload | rows | batchv4 s | transformers s (16-row sample, scaled) | speedup |")
     print("|---|---|---|---|---|")
-    for name, prompts in loads().items():
+    for name, prompts in loads(small=True).items():
         llm = make_llm("256MiB")
         dt, _ = run_ours(llm, prompts)
         per_row = hf_time(llm, prompts)
@@ -149,13 +158,13 @@ def part_memory():
     print("|---|---|---|---|---|---|---|")
     from batchv4 import SamplingParams
 
-    for geom, kw in (("tiny", {}), ("V4-Flash (no-math runner)", {"dry_run": True})):
+    for geom in ("tiny", "V4-Flash"):
         for name, prompts in loads().items():
             from batchv4 import LLM
 
             model = "tiny" if geom == "tiny" else "deepseek-v4-flash"
             llm = LLM(model, dtype="bfloat16", kv_cache_memory="8GiB", max_num_batched_tokens=2048,
-                      max_num_seqs=32, page_size=16, **kw)
+                      max_num_seqs=32, page_size=16, dry_run=True)
             worst = [1.0]
             orig = llm.runner.execute
 

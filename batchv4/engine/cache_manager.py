@@ -88,23 +88,38 @@ class CacheManager:
     def pages_needed(self, ratio: int, num_tokens: int) -> int:
         return -(-(num_tokens // ratio) // self.page_size)
 
+    def can_admit(self, num_tokens: int, shared_tokens: int = 0, promised: dict[int, int] | None = None) -> bool:
+        """Free pages (counting those only unneeded snapshots hold, less the pages `promised` to
+        running sequences' future growth) for a sequence of num_tokens whose first shared_tokens
+        come from a snapshot (full pages shared, the partial one copied)."""
+        unneeded = [s for s in self.snapshots.values() if s.uses_left == 0 and not s.pinned]
+        for r in self.ratios:
+            shared_full = (shared_tokens // r) // self.page_size
+            need = self.pages_needed(r, num_tokens) - shared_full
+            spare = self.pages[r].num_free + sum(
+                1 for s in unneeded for p in s.pages[r] if self.pages[r].refs[p] == 1)
+            if need > spare - (promised or {}).get(r, 0):
+                return False
+        return self.slots.num_free > 0 or bool(unneeded)
+
     def fits_alone(self, num_tokens: int, reserved_slots: int = 0) -> bool:
         return all(self.pages_needed(r, num_tokens) <= self.pages[r].n for r in self.ratios) \
             and self.slots.n - reserved_slots >= 1
 
     # ---- sequences --------------------------------------------------------------------------------
-    def new_seq(self, seq_id: object) -> int:
-        slot = self._alloc_slot()
+    def new_seq(self, seq_id: object, evict_needed: bool = True) -> int:
+        slot = self._alloc_slot(evict_needed)
         self.seqs[seq_id] = SeqCache(slot, {r: [] for r in self.ratios})
         return slot
 
-    def ensure(self, seq_id: object, num_tokens: int) -> None:
+    def ensure(self, seq_id: object, num_tokens: int, evict_needed: bool = True) -> None:
         """Pages for every compressed entry of the first num_tokens tokens (raises NoSpace; pages
-        allocated before the failure stay with the sequence)."""
+        allocated before the failure stay with the sequence). Snapshots the plan still needs are
+        evicted only with evict_needed."""
         sc = self.seqs[seq_id]
         for r in self.ratios:
             while len(sc.pages[r]) < self.pages_needed(r, num_tokens):
-                sc.pages[r].append(self._alloc_page(r))
+                sc.pages[r].append(self._alloc_page(r, evict_needed))
 
     def free_seq(self, seq_id: object) -> None:
         sc = self.seqs.pop(seq_id)
@@ -116,8 +131,12 @@ class CacheManager:
     def fork(self, src: object, dst: object, num_tokens: int) -> tuple[int, int, list[tuple[int, int, int]]]:
         """dst becomes a copy of src's first num_tokens tokens: (src slot, dst slot, page copies)."""
         sc = self.seqs[src]
-        slot = self.new_seq(dst)
-        copies = self._share_pages(sc.pages, num_tokens, self.seqs[dst].pages)
+        slot = self.new_seq(dst, evict_needed=False)
+        try:
+            copies = self._share_pages(sc.pages, num_tokens, self.seqs[dst].pages, False)
+        except NoSpace:
+            self.free_seq(dst)  # roll back: nothing half-held
+            raise
         return sc.slot, slot, copies
 
     # ---- snapshots --------------------------------------------------------------------------------
@@ -127,7 +146,7 @@ class CacheManager:
         if key in self.snapshots:
             self._drop(key)
         sc = self.seqs[seq_id]
-        slot = self._alloc_slot()
+        slot = self._alloc_slot(evict_needed=False)
         pages = {}
         for r in self.ratios:
             ids = sc.pages[r][: self.pages_needed(r, pos)]
@@ -138,13 +157,18 @@ class CacheManager:
         self.snapshots[key] = Snapshot(key, slot, pos, pages, uses, self.tick)
         return sc.slot, slot
 
-    def restore(self, key: object, seq_id: object) -> tuple[int, int, list[tuple[int, int, int]]]:
+    def restore(self, key: object, seq_id: object, evict_needed: bool = True
+                ) -> tuple[int, int, list[tuple[int, int, int]]]:
         """A new sequence resumes from snapshot `key`: (snapshot slot, new slot, page copies)."""
         snap = self.snapshots[key]
         snap.pinned += 1
         try:
-            slot = self.new_seq(seq_id)
-            copies = self._share_pages(snap.pages, snap.pos, self.seqs[seq_id].pages)
+            slot = self.new_seq(seq_id, evict_needed)
+            try:
+                copies = self._share_pages(snap.pages, snap.pos, self.seqs[seq_id].pages, evict_needed)
+            except NoSpace:
+                self.free_seq(seq_id)  # roll back: nothing half-held
+                raise
         finally:
             snap.pinned -= 1
         snap.uses_left = max(0, snap.uses_left - 1)
@@ -173,7 +197,7 @@ class CacheManager:
 
     # ---- internals --------------------------------------------------------------------------------
     def _share_pages(self, src_pages: dict[int, list[int]], num_tokens: int,
-                     dst_pages: dict[int, list[int]]) -> list[tuple[int, int, int]]:
+                     dst_pages: dict[int, list[int]], evict_needed: bool = True) -> list[tuple[int, int, int]]:
         copies = []
         for r in self.ratios:
             n = self.pages_needed(r, num_tokens)
@@ -183,29 +207,29 @@ class CacheManager:
                 self.pages[r].incref(p)
                 dst_pages[r].append(p)
             if partial and ids:
-                new = self._alloc_page(r)
+                new = self._alloc_page(r, evict_needed)
                 dst_pages[r].append(new)
                 copies.append((r, ids[-1], new))
         return copies
 
-    def _alloc_slot(self) -> int:
+    def _alloc_slot(self, evict_needed: bool = True) -> int:
         while True:
             try:
                 return self.slots.alloc()
             except NoSpace:
-                if not self._evict_one():
+                if not self._evict_one(evict_needed):
                     raise
 
-    def _alloc_page(self, r: int) -> int:
+    def _alloc_page(self, r: int, evict_needed: bool = True) -> int:
         while True:
             try:
                 return self.pages[r].alloc()
             except NoSpace:
-                if not self._evict_one():
+                if not self._evict_one(evict_needed):
                     raise
 
-    def _evict_one(self) -> bool:
-        cands = [s for s in self.snapshots.values() if not s.pinned]
+    def _evict_one(self, evict_needed: bool = True) -> bool:
+        cands = [s for s in self.snapshots.values() if not s.pinned and (evict_needed or s.uses_left == 0)]
         if not cands:
             return False
         victim = min(cands, key=lambda s: (s.uses_left > 0, s.last_used))

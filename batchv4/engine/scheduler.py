@@ -129,7 +129,7 @@ class Scheduler:
             n = self._chunk_len(seq, budget)
             if n == 0:
                 continue
-            if not self._reserve(seq, n, plan):
+            if not self._reserve(seq, n, plan, admitting=True):
                 break  # no pages even after preempting: it waits (at the head) for a later step
             self._add_chunk(plan, seq, n)
             budget -= n
@@ -168,26 +168,39 @@ class Scheduler:
         seq.num_computed = end
         return ch
 
-    def _reserve(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
+    def _reserve(self, seq: Sequence, n: int, plan: StepPlan, admitting: bool = False) -> bool:
         """Pages for seq's next n tokens, preempting the most recently admitted others if needed."""
         while True:
             try:
-                self.cache.ensure(seq.seq_id, seq.num_computed + n)
+                # keep the snapshots the plan still needs while others can make room
+                self.cache.ensure(seq.seq_id, seq.num_computed + n, evict_needed=False)
                 return True
             except NoSpace:
                 victim = next((s for s in reversed(self.running) if s is not seq
                                and all(s is not c.seq for c in plan.chunks)), None)
-                if victim is None:
+                if victim is not None:
+                    self._preempt(victim)
+                    continue
+                if admitting and len(self.running) > 1:
+                    self._preempt(seq)      # back to the head of the queue; needed snapshots stay
+                    return False
+                try:
+                    self.cache.ensure(seq.seq_id, seq.num_computed + n, evict_needed=True)
+                    return True
+                except NoSpace:
                     self._preempt(seq)
                     return False
-                self._preempt(victim)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop its cache, keep its tokens."""
         self.cache.free_seq(seq.seq_id)
         self.running.remove(seq)
+        key = seq.request.resume_key
+        if seq.num_cached and key in self.cache.snapshots:
+            self.cache.snapshots[key].uses_left += 1   # it will restore from it again
         seq.status = "waiting"
         seq.num_computed = 0
+        seq.num_cached = 0          # re-admission may restore from the snapshot again
         seq.saves = [s for s in sorted(seq.request.saves, key=lambda s: s.pos) if not self.cache.has(s.key)]
         self.waiting.appendleft(seq)
         self.preemptions += 1
@@ -203,10 +216,15 @@ class Scheduler:
         if req.resume_key is not None and seq.num_generated == 0 and seq.num_cached == 0 \
                 and not self.cache.has(req.resume_key) and self._expected(req.resume_key):
             return False  # the request that saves this prefix has not got there yet: keep plan order
+        # admit only what can run to the end without preempting others (no preemption storms);
+        # with nothing running, admit anyway: snapshots get evicted as needed
+        shared = self.cache.snapshots[req.resume_key].pos if self.cache.has(req.resume_key) else 0
+        if self.running and not self.cache.can_admit(self._final_len(seq), shared, self._promised()):
+            return False
         try:
             if req.resume_key is not None and self.cache.has(req.resume_key) and seq.num_generated == 0 \
                     and seq.num_cached == 0:
-                src, dst, copies = self.cache.restore(req.resume_key, seq.seq_id)
+                src, dst, copies = self.cache.restore(req.resume_key, seq.seq_id, evict_needed=not self.running)
                 snap = self.cache.snapshots[req.resume_key]
                 plan.restores.append((src, dst))
                 plan.page_copies.extend(copies)
@@ -224,11 +242,23 @@ class Scheduler:
                         self.cached_tokens -= snap.pos
                         seq.num_computed = seq.num_cached = 0
             else:
-                self.cache.new_seq(seq.seq_id)
+                self.cache.new_seq(seq.seq_id, evict_needed=not self.running)
         except NoSpace:
             return False
         seq.status = "running"
         return True
+
+    @staticmethod
+    def _final_len(seq: Sequence) -> int:
+        return seq.num_prompt + seq.request.params.max_tokens
+
+    def _promised(self) -> dict[int, int]:
+        """Pages running sequences will still need to reach their final length."""
+        out = {}
+        for r in self.cache.ratios:
+            out[r] = sum(max(0, self.cache.pages_needed(r, self._final_len(s)) - len(self.cache.seqs[s.seq_id].pages[r]))
+                         for s in self.running if s.seq_id in self.cache.seqs)
+        return out
 
     def _expected(self, key: object) -> bool:
         if key in self.cache.snapshots:

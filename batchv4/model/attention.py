@@ -46,6 +46,7 @@ class Attention(nn.Module):
         # computed on first use (not a buffer: a model built on the meta device must not keep it there)
         self._inv_freq: torch.Tensor | None = None
         self.sim = False  # FP8/FP4 activation-quantization simulation (set by the model)
+        self.use_kernels = False  # Triton sparse attention + indexer (the model sets it on CUDA)
 
     # ---- token-wise parts shared by both forwards -------------------------------------------------
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +134,10 @@ class Attention(nn.Module):
             ia, ig = self.indexer.compressor.project(x, fb.positions)
         ring = pools.window[layer]
         W, P = self.window, pools.layout.page_size
+        if self.use_kernels:
+            return self._packed_kernels(x, fb, pools, layer, q, kv, cos, sin,
+                                        (a, g) if self.ratio else None,
+                                        (qi, wi, ia, ig) if self.kind == "csa" else None)
         out = torch.empty_like(q)
         for b in range(fb.num_seqs):
             r0, r1 = fb.cu_seqlens[b], fb.cu_seqlens[b + 1]
@@ -180,6 +185,50 @@ class Attention(nn.Module):
             keep = min(W, L)
             ring[slot, pos[L - keep:] % W] = kv[r1 - keep:r1].to(ring.dtype)
         return self._out(out, cos, sin)
+
+    def _packed_kernels(self, x, fb: ForwardBatch, pools: CachePools, layer: int, q, kv, cos, sin,
+                        comp_in, idx_in) -> torch.Tensor:
+        """The same step through the Triton kernels: compressors extend each sequence's pages, then
+        one indexer top-k and one sparse-attention call cover every token of the batch."""
+        from batchv4.kernels.indexer import indexer_topk
+        from batchv4.kernels.sparse_attn import sparse_attn_prefill
+
+        dev = x.device
+        ring = pools.window[layer]
+        P = pools.layout.page_size
+        cu = torch.tensor(fb.cu_seqlens, dtype=torch.int32, device=dev)
+        slots = torch.tensor(fb.slots, dtype=torch.int32, device=dev)
+        table = comp = topk = n_comp = None
+        if self.ratio:
+            a, g = comp_in
+            full = fb.page_tables[self.ratio]
+            for b in range(fb.num_seqs):
+                r0, r1 = fb.cu_seqlens[b], fb.cu_seqlens[b + 1]
+                if r1 == r0:
+                    continue
+                self._extend(self.compressor, pools.comp[layer], pools.state[layer], a[r0:r1], g[r0:r1],
+                             fb.start_pos[b], fb.slots[b], full[b], P, indexer=False)
+                if idx_in is not None:
+                    self._extend(self.indexer.compressor, pools.ikey[layer], pools.istate[layer],
+                                 idx_in[2][r0:r1], idx_in[3][r0:r1], fb.start_pos[b], fb.slots[b], full[b], P,
+                                 indexer=True)
+            table = full.clamp(min=0).to(torch.int32)
+            comp = pools.comp[layer]
+            if idx_in is not None:
+                topk = indexer_topk(idx_in[0], idx_in[1], pools.ikey[layer], table, fb.positions,
+                                    self.indexer.topk, cu_seqlens=cu, ratio=self.ratio, use_triton=True)
+            else:
+                n_comp = ((fb.positions + 1) // self.ratio).to(torch.int32)
+        o = sparse_attn_prefill(q, cu, fb.positions, kv.to(ring.dtype), ring, slots, comp, table,
+                                self.attn_sink.float(), self.scale, topk_idx=topk, n_comp=n_comp,
+                                use_triton=True)
+        W = self.window
+        for b in range(fb.num_seqs):
+            r0, r1 = fb.cu_seqlens[b], fb.cu_seqlens[b + 1]
+            keep = min(W, r1 - r0)
+            if keep:
+                ring[fb.slots[b], fb.positions[r1 - keep:r1] % W] = kv[r1 - keep:r1].to(ring.dtype)
+        return self._out(o.to(q.dtype), cos, sin)
 
     def _extend(self, comp: Compressor, pool: torch.Tensor, state: torch.Tensor, a, g, p0: int, slot: int,
                 table: torch.Tensor, P: int, indexer: bool) -> None:

@@ -46,16 +46,36 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, ratio)
         self.ffn = MoE(cfg, hash_routed)
+        self.use_kernels = False  # the Triton mHC kernels (the model sets it on CUDA)
+
+    def _pre(self, x, fn, base, scale):
+        if self.use_kernels:
+            from batchv4.kernels.mhc import mhc_pre as mhc_pre_kernel
+
+            c = self.cfg
+            return mhc_pre_kernel(x, fn.float(), base.float(), scale.float(), c.norm_eps, c.hc_eps,
+                                  c.hc_sinkhorn_iters, use_triton=True)
+        return mhc_pre(x, fn, base, scale, self.cfg)
+
+    def _post(self, y, x, post, comb):
+        if self.use_kernels:
+            from batchv4.kernels.mhc import mhc_post as mhc_post_kernel
+
+            return mhc_post_kernel(y.to(x.dtype), x, post, comb, use_triton=True)
+        return mhc_post(y, x, post, comb)
 
     def _run(self, x: torch.Tensor, token_ids: torch.Tensor, attn_fn, ffn_fn) -> torch.Tensor:
         """x [T, n, D] streams -> [T, n, D]."""
-        u, post, comb = mhc_pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.cfg)
-        x = mhc_post(attn_fn(self.attn_norm(u)), x, post, comb)
-        u, post, comb = mhc_pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.cfg)
-        return mhc_post(ffn_fn(self.ffn_norm(u), token_ids), x, post, comb)
+        u, post, comb = self._pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
+        x = self._post(attn_fn(self.attn_norm(u)), x, post, comb)
+        u, post, comb = self._pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
+        return self._post(ffn_fn(self.ffn_norm(u), token_ids), x, post, comb)
 
     def forward_reference(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        return self._run(x, token_ids, self.attn.forward_reference, self.ffn.forward_reference)
+        u, post, comb = mhc_pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.cfg)
+        x = mhc_post(self.attn.forward_reference(self.attn_norm(u)), x, post, comb)
+        u, post, comb = mhc_pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.cfg)
+        return mhc_post(self.ffn.forward_reference(self.ffn_norm(u), token_ids), x, post, comb)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, fb: ForwardBatch, pools: CachePools,
                 layer: int) -> torch.Tensor:
@@ -115,6 +135,8 @@ class Transformer(nn.Module):
                 m.sim = on
 
     def set_kernels(self, on: bool) -> None:
+        """The Triton kernels (fused MoE, sparse attention, indexer top-k, mHC). The engine turns
+        them on for CUDA devices; on a CPU they run only under TRITON_INTERPRET=1 (tests)."""
         for m in self.modules():
             if hasattr(m, "use_kernels"):
                 m.use_kernels = on

@@ -131,12 +131,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """x [T, D], token_ids [T] -> [T, D] in x.dtype."""
         w, ids = self.gate(x, token_ids)
-        if self.use_kernels and x.is_cuda:
+        if self.use_kernels:
             from batchv4.kernels.moe import fused_moe
 
             ex = self.experts
-            routed = fused_moe(x, ids, w, ex.w1, ex.w3, ex.w2, ex.limit,
-                               w1_scale=ex.w1_scale, w3_scale=ex.w3_scale, w2_scale=ex.w2_scale).float()
+            routed = fused_moe(x, ids, w, ex.w1, ex.w3, ex.w2, ex.limit, w1_scale=ex.w1_scale,
+                               w3_scale=ex.w3_scale, w2_scale=ex.w2_scale, use_triton=True).float()
         else:
             routed = self.experts(x, w, ids)
         return (routed + self.shared_experts(x)).to(x.dtype)

@@ -86,3 +86,14 @@ def test_eviction_order_unneeded_first_then_lru():
 def test_fits_alone():
     cm = make(pages=2)
     assert cm.fits_alone(16) and not cm.fits_alone(17 + 16)
+
+
+def test_failed_restore_holds_nothing():
+    cm = CacheManager((4,), 2, {4: 3}, 4)
+    cm.new_seq("a")
+    cm.ensure("a", 20)                       # 5 entries -> pages 0,1,2 (the last partial)
+    cm.save("a", "k", 20, 1)
+    cm.snapshots["k"].ready = True
+    with pytest.raises(NoSpace):             # the partial page's copy needs a 4th page
+        cm.restore("k", "b")
+    assert "b" not in cm.seqs and cm.slots.num_used == 2 and cm.pages[4].refs == [2, 2, 2]

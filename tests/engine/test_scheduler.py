@@ -58,16 +58,31 @@ def test_restore_then_prefill_the_rest():
     assert cm.snapshots["k"].uses_left == 0
 
 
-def test_preemption_by_recompute_when_pages_run_out():
+def test_admission_waits_for_pages_promised_to_running_sequences():
     cm, sch = make(budget=64, pages=3)
-    a, b = seq(1, 20), seq(2, 20)            # each needs 2 pages (5 entries of 4 tokens, 4 per page)
+    a, b = seq(1, 20), seq(2, 20)            # 20 + 4 tokens: 6 entries -> 2 pages each
     sch.add(a)
     sch.add(b)
     p = sch.schedule()
-    # a gets its pages; b cannot get its second page, so the latest admitted (b) is preempted
-    assert [c.seq.seq_id for c in p.chunks] == [1]
+    assert [c.seq.seq_id for c in p.chunks] == [1] and list(sch.waiting) == [b]
+    assert sch.preemptions == 0 and cm.seqs[1].pages[4] == [0, 1]
+
+
+def test_preemption_by_recompute_when_pages_run_out():
+    cm, sch = make(budget=64, pages=4)
+    a, b = seq(1, 12), seq(2, 12)            # 12 + 4 tokens: 4 entries -> 1 page each
+    sch.add(a)
+    sch.add(b)
+    sch.schedule()
+    assert cm.seqs[1].pages[4] == [0] and cm.seqs[2].pages[4] == [1]
+    cm.new_seq("other")                     # someone else takes the remaining pages
+    cm.ensure("other", 32)
+    a.tokens += [7] * 8                     # a grows to 20 tokens: 5 entries need a second page
+    p = sch.schedule()
+    # no free page: the most recently admitted other sequence (b) is preempted, a continues
     assert sch.preemptions == 1 and list(sch.waiting) == [b] and b.num_computed == 0
-    assert cm.seqs[1].pages[4] == [0, 1] and cm.pages[4].refs == [1, 1, 0]
+    assert [c.seq.seq_id for c in p.chunks] == [1]
+    assert cm.seqs[1].pages[4] == [0, 1] and 2 not in cm.seqs
 
 
 def test_errors_for_requests_that_cannot_run():
