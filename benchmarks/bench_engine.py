@@ -125,8 +125,8 @@ def part_throughput():
         print(f"| {name} | {len(prompts)} | {dt:.1f} | {theirs:.1f} | {theirs / dt:.1f}x |", flush=True)
 
 
-def paged_overhead(llm) -> float:
-    """Allocated page bytes / bytes of the compressed entries actually held, right now."""
+def paged_overhead(llm) -> tuple[float, float]:
+    """(allocated page bytes, allocated / bytes of the compressed entries actually held), now."""
     cm, lay = llm.cache, llm.layout
     filled: dict[tuple[int, int], int] = {}
     holders = [(sc.pages, n) for sid, sc in cm.seqs.items() for n in [_tokens_of(llm, sid)]]
@@ -138,10 +138,10 @@ def paged_overhead(llm) -> float:
                 filled[(r, p)] = max(filled.get((r, p), 0), min(lay.page_size, entries - k * lay.page_size))
     used = sum(cnt for cnt in filled.values())
     if not used:
-        return float("nan")
+        return 0.0, float("nan")
     alloc = sum(lay.bytes_per_page(r) for (r, _p) in filled)
     per_entry = sum(lay.bytes_per_page(r) / lay.page_size * cnt for (r, _p), cnt in filled.items())
-    return alloc / per_entry
+    return alloc, alloc / per_entry
 
 
 def _tokens_of(llm, sid) -> int:
@@ -153,7 +153,7 @@ def _tokens_of(llm, sid) -> int:
 
 def part_memory():
     print("\n## Cache memory: paged bytes per cached token vs compressed size, snapshots\n")
-    print("| geometry | workload | page size | allocated / compressed (peak step) | peak snapshots | "
+    print("| geometry | workload | page size | allocated / compressed (at peak allocation) | peak snapshots | "
           "snapshot bytes each | paged bytes per token (full pages) |")
     print("|---|---|---|---|---|---|---|")
     from batchv4 import SamplingParams
@@ -165,21 +165,21 @@ def part_memory():
             model = "tiny" if geom == "tiny" else "deepseek-v4-flash"
             llm = LLM(model, dtype="bfloat16", kv_cache_memory="8GiB", max_num_batched_tokens=2048,
                       max_num_seqs=32, page_size=16, dry_run=True)
-            worst = [1.0]
+            worst = [0.0, 1.0]       # at the step where allocated page bytes peak
             orig = llm.runner.execute
 
             def spy(plan, cache, _orig=orig):
                 out = _orig(plan, cache)
-                v = paged_overhead(llm)
-                if v == v:
-                    worst[0] = max(worst[0], v)
+                alloc, v = paged_overhead(llm)
+                if alloc > worst[0]:
+                    worst[:] = [alloc, v]
                 return out
 
             llm.runner.execute = spy
             llm.generate([{"prompt_token_ids": p} for p in prompts],
                          SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
             st = llm.stats()
-            print(f"| {geom} | {name} | 16 | {worst[0]:.3f} | {st['peak_snapshots']} | "
+            print(f"| {geom} | {name} | 16 | {worst[1]:.3f} | {st['peak_snapshots']} | "
                   f"{st['bytes_per_snapshot'] / 2**20:.2f} MiB | {st['page_bytes_per_token']:.0f} B |", flush=True)
 
 
