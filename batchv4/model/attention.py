@@ -139,6 +139,16 @@ class Attention(nn.Module):
                                         (a, g) if self.ratio else None,
                                         (qi, wi, ia, ig) if self.kind == "csa" else None)
         out = torch.empty_like(q)
+        single = [b for b in range(fb.num_seqs) if fb.cu_seqlens[b + 1] - fb.cu_seqlens[b] == 1]
+        if self.ratio and len(single) > 1:
+            # decode steps: one compressor update for all single-token sequences
+            rows = [fb.cu_seqlens[b] for b in single]
+            self._extend_decode(self.compressor, pools.comp[layer], pools.state[layer], a, g, fb, rows, single,
+                                P, indexer=False)
+            if self.kind == "csa":
+                self._extend_decode(self.indexer.compressor, pools.ikey[layer], pools.istate[layer], ia, ig, fb,
+                                    rows, single, P, indexer=True)
+        done = set(single) if len(single) > 1 else set()
         for b in range(fb.num_seqs):
             r0, r1 = fb.cu_seqlens[b], fb.cu_seqlens[b + 1]
             L = r1 - r0
@@ -153,15 +163,17 @@ class Attention(nn.Module):
             comp_all = comp_bias = None
             if self.ratio:
                 table = fb.page_tables[self.ratio][b]
-                self._extend(self.compressor, pools.comp[layer], pools.state[layer], a[r0:r1], g[r0:r1],
-                             p0, slot, table, P, indexer=False)
+                if b not in done:
+                    self._extend(self.compressor, pools.comp[layer], pools.state[layer], a[r0:r1], g[r0:r1],
+                                 p0, slot, table, P, indexer=False)
                 n_ent = (p0 + L) // self.ratio
                 ent = torch.arange(n_ent, device=x.device)
                 comp_all = pools.comp[layer][table[ent // P], ent % P].to(kv.dtype)      # [N, Dh]
                 visible = ent[None, :] < ((pos + 1) // self.ratio)[:, None]             # [L, N]
                 if self.kind == "csa":
-                    self._extend(self.indexer.compressor, pools.ikey[layer], pools.istate[layer],
-                                 ia[r0:r1], ig[r0:r1], p0, slot, table, P, indexer=True)
+                    if b not in done:
+                        self._extend(self.indexer.compressor, pools.ikey[layer], pools.istate[layer],
+                                     ia[r0:r1], ig[r0:r1], p0, slot, table, P, indexer=True)
                     ikeys = pools.ikey[layer][table[ent // P], ent % P]
                     sel = self.indexer.select(qi[r0:r1], wi[r0:r1], ikeys, pos)         # [L, k]
                     chosen = torch.zeros(L, n_ent + 1, dtype=torch.bool, device=x.device)
@@ -229,6 +241,23 @@ class Attention(nn.Module):
             if keep:
                 ring[fb.slots[b], fb.positions[r1 - keep:r1] % W] = kv[r1 - keep:r1].to(ring.dtype)
         return self._out(o.to(q.dtype), cos, sin)
+
+    def _extend_decode(self, comp: Compressor, pool: torch.Tensor, state: torch.Tensor, a, g, fb: ForwardBatch,
+                       rows: list[int], seqs: list[int], P: int, indexer: bool) -> None:
+        """The compressor step of every single-token sequence of the batch at once."""
+        idx = torch.tensor(rows, device=a.device)
+        slots = torch.tensor([fb.slots[b] for b in seqs], device=a.device)
+        pos = fb.positions[idx]
+        emit, raw, new = comp.decode_step(a[idx], g[idx], pos, state[slots])
+        state[slots] = new
+        if bool(emit.any()):
+            which = emit.nonzero().flatten()
+            ent = (pos[which] + 1) // comp.ratio - 1                              # entry index
+            table = fb.page_tables[comp.ratio][torch.tensor(seqs, device=a.device)[which]]
+            pages = table.gather(1, (ent // P)[:, None]).flatten()
+            if bool((pages < 0).any()):
+                raise ValueError("page table too short for a compressed entry")
+            pool[pages, ent % P] = comp.finish_at(raw[which], ent, self.cos_sin, pool.dtype, self.sim, indexer)
 
     def _extend(self, comp: Compressor, pool: torch.Tensor, state: torch.Tensor, a, g, p0: int, slot: int,
                 table: torch.Tensor, P: int, indexer: bool) -> None:

@@ -101,12 +101,41 @@ class Compressor(nn.Module):
             new_state = torch.cat([new_state, _empty_stats(c - new_state.shape[0], d, a.device)])
         return entries, new_state
 
+    def decode_step(self, a: torch.Tensor, g: torch.Tensor, pos: torch.Tensor,
+                    state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token for each of B sequences at once (the decode fast path of pool_streaming).
+
+        a, g [B, c*dim] fp32; pos [B] positions; state [B, c, 3, dim]. Returns (emit [B] bool: the
+        token closed an entry, raw entries [B, dim] (valid where emit), new state [B, c, 3, dim]).
+        """
+        d = self.dim
+        if self.overlap:
+            cur = _merge(state[:, 0], _token_stats(g[:, d:], a[:, d:]))
+            nxt = _merge(state[:, 1], _token_stats(g[:, :d], a[:, :d]))
+        else:
+            cur, nxt = _merge(state[:, 0], _token_stats(g, a)), None
+        emit = (pos + 1) % self.ratio == 0
+        raw = cur[:, 2] / cur[:, 1]
+        empty = _empty_stats(a.shape[0], d, a.device)
+        e = emit[:, None, None]
+        if self.overlap:
+            new = torch.stack([torch.where(e, nxt, cur), torch.where(e, empty, nxt)], dim=1)
+        else:
+            new = torch.where(e, empty, cur)[:, None]
+        return emit, raw, new
+
     def finish(self, raw: torch.Tensor, first_entry: int, cos_sin_fn, out_dtype: torch.dtype,
                sim: bool, indexer: bool) -> torch.Tensor:
         """raw [E, dim] fp32 entries first_entry.. -> stored entries [E, dim] (norm, RoPE at the
         block start, and the activation-quantization simulation when `sim`)."""
+        ent = torch.arange(raw.shape[0], device=raw.device) + first_entry
+        return self.finish_at(raw, ent, cos_sin_fn, out_dtype, sim, indexer)
+
+    def finish_at(self, raw: torch.Tensor, ent: torch.Tensor, cos_sin_fn, out_dtype: torch.dtype,
+                  sim: bool, indexer: bool) -> torch.Tensor:
+        """raw [E, dim] fp32 entries with indices ent [E] -> stored entries [E, dim]."""
         e = self.norm(raw.to(out_dtype))
-        pos = (torch.arange(raw.shape[0], device=raw.device) + first_entry) * self.ratio
+        pos = ent * self.ratio
         cos, sin = cos_sin_fn(pos)
         e = apply_rope(e, cos, sin)
         if sim:
@@ -130,6 +159,11 @@ def _block_stats(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     w = torch.exp(g - safe[:, None])
     return torch.stack([mx, w.sum(dim=1), (w * a).sum(dim=1)], dim=1)
+
+
+def _token_stats(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """One token as an accumulator [B, 3, d]: max g, sum 1, weighted sum a."""
+    return torch.stack([g, torch.ones_like(g), a], dim=1)
 
 
 def _merge(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -90,3 +90,18 @@ def test_snapshot_restore_mid_prompt(model, ids, split):
     out = h.step([(2, tail)], restores=[(5, 2)])[0]
     want = model.forward_reference(torch.tensor(ids[:split] + tail))[-1]
     assert (out - want).abs().max() < TOL
+
+
+def test_batched_decode_of_many_sequences(model):
+    """Several single-token sequences in one call take the batched compressor path; each equals
+    its own reference, across entry boundaries of both ratios."""
+    g = torch.Generator().manual_seed(12)
+    seqs = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (13, 15, 16, 30, 9)]
+    refs = [model.forward_reference(torch.tensor(s)) for s in seqs]
+    h = Harness(model)
+    start = [s_len - 6 for s_len in map(len, seqs)]
+    h.step([(i, s[:start[i]]) for i, s in enumerate(seqs)])
+    for k in range(6):
+        out = h.step([(i, [s[start[i] + k]]) for i, s in enumerate(seqs)])
+        for i in range(len(seqs)):
+            assert (out[i] - refs[i][start[i] + k]).abs().max() < TOL, (i, k)
