@@ -102,9 +102,9 @@ class CacheManager:
                 return False
         return self.slots.num_free > 0 or bool(unneeded)
 
-    def fits_alone(self, num_tokens: int, reserved_slots: int = 0) -> bool:
+    def fits_alone(self, num_tokens: int) -> bool:
         return all(self.pages_needed(r, num_tokens) <= self.pages[r].n for r in self.ratios) \
-            and self.slots.n - reserved_slots >= 1
+            and self.slots.n >= 1
 
     # ---- sequences --------------------------------------------------------------------------------
     def new_seq(self, seq_id: object, evict_needed: bool = True) -> int:
@@ -191,9 +191,6 @@ class CacheManager:
     def drop_all_snapshots(self) -> None:
         for k in [k for k, s in self.snapshots.items() if not s.pinned]:
             self._drop(k)
-
-    def snapshot_pages(self) -> int:
-        return sum(len(v) for s in self.snapshots.values() for v in s.pages.values())
 
     # ---- internals --------------------------------------------------------------------------------
     def _share_pages(self, src_pages: dict[int, list[int]], num_tokens: int,

@@ -57,10 +57,6 @@ class Sequence:
     def num_generated(self) -> int:
         return len(self.tokens) - self.num_prompt
 
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < len(self.tokens) - (1 if self.num_generated else 0)
-
 
 @dataclass
 class ScheduledChunk:
@@ -106,7 +102,6 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan([], [], [], [], [])
         budget = self.budget
-        scheduled: set[int] = set()
         for seq in list(self.running):
             if budget <= 0:
                 break
@@ -116,7 +111,6 @@ class Scheduler:
             if not self._reserve(seq, n, plan):
                 continue
             self._add_chunk(plan, seq, n)
-            scheduled.add(seq.seq_id)
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]

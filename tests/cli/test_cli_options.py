@@ -16,16 +16,6 @@ from batchv4.cli import cli  # noqa: E402
 SHARED = ("Context: " + "the committee reviewed the annual report, the budget and the plans for next year; " * 4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_n_samples_are_rows(tmp_path, capsys, fast_engine):
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Say yes."}, {"id": "b", "prompt": "Say no."}])
     out = str(tmp_path / "out")

@@ -24,16 +24,6 @@ from cli_engines import (  # noqa: E402
 from batchv4.cli import cli  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # what must not depend on where the run was killed (cache-hit split and cost may: the cache starts cold)
 SAME = ("id", "sample_index", "output", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens",
         "reasoning_tokens", "content_hash")

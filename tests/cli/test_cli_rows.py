@@ -14,16 +14,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_engines import fast_engine, read_error_rows, read_outputs, run_main, write_jsonl  # noqa: E402,F401
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 LONG = "word " * 300   # about 300 tokens: over a 128-token context
 BAD_LINES = [
     {"id": "ok-0", "prompt": "Name a colour."},

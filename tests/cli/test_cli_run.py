@@ -34,17 +34,6 @@ DOC = ("Document: The Rhine rises in the Swiss Alps, flows through Lake Constanc
 QUESTIONS = ["Where does it rise?", "Which lake?", "Where does it end?", "How many people?"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the machine is shared: one torch thread per test process is many times faster than two
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def invoke(args):
     r = CliRunner().invoke(cli, ["run", *args, "--quiet"], catch_exceptions=True)
     if r.exception is not None and not isinstance(r.exception, SystemExit):

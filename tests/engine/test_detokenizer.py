@@ -173,11 +173,9 @@ def test_stop_string_matches_reference(token_ids, stop):
 
 
 def test_real_v4_tokenizer_round_trip():
-    tokenizer_mod = pytest.importorskip("batchv4.tokenizer")
-    try:
-        tok = tokenizer_mod.load_tokenizer()
-    except OSError as e:
-        pytest.skip(f"no V4 tokenizer: {e}")
+    from batchv4.tokenizer import load_tokenizer  # a hard dependency: a missing install must fail here
+
+    tok = load_tokenizer()
     text = "Hello wörld, 中文 龘靐齉 🫠🫡 𝔘𝔫𝔦 done. END of text"
     out = tok.encode(text)
     prompt = tok.encode("<｜User｜>hi<｜Assistant｜></think>")
