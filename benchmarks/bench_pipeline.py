@@ -15,8 +15,8 @@ Run:  python benchmarks/bench_pipeline.py [--rows 20000] [--memory-rows 250000,1
     `resource.getrusage(RUSAGE_CHILDREN)` of a fresh wrapper process per N, so each figure is that
     one child's. Bounded memory means the figure does not grow with N.
 (c) run overhead: after a warm-up job (one-time imports), the same `run` job twice, once on the real `tiny` model and once on an engine
-    stand-in with the engine's interface (`plan_requests` packs with the real planner,
-    `generate_stream` returns a fixed output of max_tokens tokens at once, `stats`). The stand-in's
+    stand-in with the engine's interface (`generate_stream` returns a fixed output of max_tokens
+    tokens at once, `stats`; the planning is `run`'s own, as with the real engine). The stand-in's
     wall time is everything outside the engine (reading, tokenizing, packing, accounting,
     writing); its share of the real run's wall time is the overhead (target under 10%).
 """
@@ -128,22 +128,11 @@ def bench_memory(sizes: list[int], tmp: str) -> list[tuple]:
 
 # ---- (c) run: time outside the engine -----------------------------------------------------------
 class InstantEngine:
-    """The engine interface `run` uses, with no model: plans with the real packing, then returns
-    every request at once with a fixed output of max_tokens tokens."""
+    """The engine interface `run` uses (`generate_stream`, `stats`), with no model: every planned
+    request comes back at once with a fixed output of max_tokens tokens."""
 
     def __init__(self) -> None:
         self.text = "a fixed answer"
-
-    def plan_requests(self, keys, ids, params, thinking, use_plan=True):
-        from types import SimpleNamespace
-
-        from batchv4.packing import PackInput, plan
-
-        by_key = {k: i for i, k in enumerate(keys)}
-        for pr in plan(PackInput(k, t) for k, t in zip(keys, ids)):
-            i = by_key[pr.key]
-            yield SimpleNamespace(request_id=pr.key, prompt_token_ids=list(pr.token_ids), params=params[i],
-                                  group=pr.group, resume_pos=pr.resume_pos)
 
     def generate_stream(self, requests):
         from batchv4.engine.outputs import CompletionOutput, RequestOutput

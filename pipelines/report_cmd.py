@@ -31,7 +31,7 @@ def render(summary: dict) -> str:
 def report(output_url, as_json):
     """Print the summary of a finished or partial run in OUTPUT."""
     from batchv4.io.urls import get_fs, join
-    from batchv4.io.writers import read_manifest, read_output_parts
+    from batchv4.io.writers import iter_output_rows, read_manifest
 
     fs, path = get_fs(output_url)
     name = join(fs, path, "summary.json")
@@ -45,11 +45,11 @@ def report(output_url, as_json):
             raise click.ClickException(f"{output_url}: no batchv4 run here (no manifest.json)")
         from batchv4.accounting.summary import summarize
 
-        t = read_output_parts(output_url)
+        totals = summarize(iter_output_rows(output_url))
         summary = {"complete": False, "fingerprint": manifest.get("meta", {}).get("fingerprint"),
-                   "counts": {"output_rows": t.num_rows,
+                   "counts": {"output_rows": totals.rows,
                               "error_rows": sum(p["rows"] for p in manifest.get("error_parts", []))},
-                   "totals": summarize(t.to_pylist()).to_dict(),
+                   "totals": totals.to_dict(),
                    "price_card": manifest.get("meta", {}).get("config", {}).get("price")}
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))

@@ -2,17 +2,19 @@
 
 Flow: check options, columns and the output location (before any work) -> read rows (streamed)
 -> build requests (bad rows become error rows) -> skip rows a previous run finished -> chat-encode
-and tokenize in batches -> shard -> plan (packing) -> engine -> usage and cost per row -> parts
-written atomically as the run goes -> summary.json (and output.jsonl for OpenAI batch input).
+and tokenize in batches -> shard -> plan (packing, spilling to disk past one window) -> engine ->
+usage and cost per row -> parts written atomically as the run goes -> summary.json (and
+output.jsonl for OpenAI batch input).
+
+Memory does not grow with the input: rows are read and tokenized a batch at a time, the planner
+spills token ids to disk, and each row's record (request, kept values) waits in an on-disk
+`RunState` until the plan reaches it; only the rows inside the engine are held in memory.
 
 Owns: the job's configuration and fingerprint, resume, the exactly-once rule (every input row ends
 in the outputs or in the error rows, once; under `--shard I/N` every row belongs to exactly one
 shard, error rows included), and the per-row prompt encoding (`chat_token_ids`, shared with the
 estimate). Does not own: file formats (`batchv4.io`), prices (`batchv4.accounting`), planning
 (`batchv4.packing`) or generation (`batchv4.engine`).
-
-Known limit: the rows left to do are tokenized before the engine starts (the engine's
-`plan_requests` takes whole lists), so their token ids are held in memory for the run.
 """
 
 from __future__ import annotations
@@ -90,15 +92,6 @@ class RunConfig:
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "n", "stop")
 
 
-@dataclass
-class _Row:
-    req: Any                      # RowRequest
-    ids: list[int]
-    params: Any                   # SamplingParams
-    thinking: bool
-    group: int | None = None
-
-
 def _now() -> datetime:
     """The finish time a row is priced at (a function so tests can fix the clock)."""
     return datetime.now(timezone.utc)
@@ -167,34 +160,53 @@ def _resolve(cfg: RunConfig, src) -> tuple[Any, RunConfig]:
                          messages_column=spec.messages_column, id_column=spec.id_column)
 
 
-def _previous(cfg: RunConfig, fp: str, so) -> tuple[set[tuple[str, str]], set[int]]:
-    """(id, content hash) of finished output rows and row indexes of written error rows of the run
-    already in the output folder; refuses a different configuration unless --overwrite."""
-    from batchv4.io.writers import read_errors, read_manifest, read_output_parts
+def _previous(cfg: RunConfig, fp: str, so, state) -> None:
+    """Load into `state` the (id, content hash) of finished output rows and the row indexes of
+    written error rows of the run already in the output folder, one part at a time; refuses a
+    different configuration unless --overwrite."""
+    from batchv4.io.writers import iter_error_rows, iter_output_rows, read_manifest
 
     manifest = read_manifest(cfg.output, so)
     if manifest is None:
-        return set(), set()
+        return
     old = manifest.get("meta", {}).get("fingerprint")
     if cfg.overwrite:
         _clear(cfg.output, so)
-        return set(), set()
+        return
     if old != fp:
         raise ValueError(f"{cfg.public()['output']} holds a run with a different configuration "
                          f"(fingerprint {old}, now {fp}); use --overwrite to replace it")
     # the summary and OpenAI output of an earlier invocation are stale from now on
     _remove(cfg.output, _RUN_FILES[1:], so)
-    t = read_output_parts(cfg.output, ["id", "content_hash"], so)
-    done = set(zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist()))
-    return done, set(read_errors(cfg.output, ["row_index"], so).column("row_index").to_pylist())
+    state.add_done((r["id"], r["content_hash"]) for r in iter_output_rows(cfg.output, ["id", "content_hash"], so))
+    state.add_done_errors(r["row_index"] for r in iter_error_rows(cfg.output, ["row_index"], so))
+
+
+class _Errors:
+    """Error rows, written as a part whenever `part_rows` of them are waiting."""
+
+    def __init__(self, writer, part_rows: int, counts: dict) -> None:
+        self.writer, self.part_rows, self.counts, self.buf = writer, part_rows, counts, []
+
+    def add(self, record: dict) -> None:
+        self.buf.append(record)
+        if len(self.buf) >= self.part_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        self.counts["error_rows"] += len(self.buf)
+        self.writer.write_errors(self.buf)
+        self.buf = []
 
 
 def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -> dict:
+    """`llm_factory(cfg)` builds the engine (default: `LLM`); `run` uses its `generate_stream`
+    and `stats`, and builds it only once the plan holds at least one row."""
     from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.io.readers import open_input
     from batchv4.io.schema import keep_fields
     from batchv4.io.writers import PartWriter, check_writable
-    from batchv4.pipelines.run_output import amortize, output_rows, summary, write_json
+    from batchv4.pipelines.run_state import RunState
 
     base = _check_options(cfg)
     so = cfg.storage_options or None
@@ -205,38 +217,59 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
     kept = keep_fields(spec.keep_columns, src.arrow_schema())
     check_writable(cfg.output, so)
     fp = cfg.fingerprint()
-    done, done_errors = _previous(cfg, fp, so)
+    with RunState(kept) as state:
+        _previous(cfg, fp, so, state)
+        writer = PartWriter(cfg.output, kept=kept, meta={"fingerprint": fp, "config": cfg.public()},
+                            storage_options=so)
+        return _run(cfg, fp, src, spec, base, card, private, state, writer, llm_factory or _default_llm)
 
-    writer = PartWriter(cfg.output, kept=kept, meta={"fingerprint": fp, "config": cfg.public()}, storage_options=so)
+
+def _run(cfg, fp, src, spec, base, card, private, state, writer, llm_factory) -> dict:
+    import itertools
+
+    from batchv4.packing import plan
+    from batchv4.pipelines.run_output import amortize, output_rows, summary, write_json
+
+    so = cfg.storage_options or None
     t_start = time.perf_counter()
-    timings = {"read_build": 0.0, "tokenize": 0.0, "engine_build": 0.0, "plan_engine": 0.0, "account_write": 0.0}
-    counts = {"input_rows": 0, "skipped_done": 0, "error_rows": 0, "out_of_shard": 0}
-    errors: list[dict] = []
-    rows = _collect(cfg, src, spec, base, done, done_errors, errors, counts, timings)
+    timings = {"read_build": 0.0, "tokenize": 0.0, "plan": 0.0, "engine_build": 0.0, "plan_engine": 0.0,
+               "account_write": 0.0}
+    counts = {"input_rows": 0, "skipped_done": 0, "error_rows": 0, "out_of_shard": 0, "planned_rows": 0}
+    errors = _Errors(writer, cfg.part_rows, counts)
+    planned = plan(_read(cfg, src, spec, base, state, errors, counts, timings), spill_dir=state.dir)
+    t0 = time.perf_counter()
+    first = next(planned, None)           # the plan has read the whole input by its first request
+    timings["plan"] = time.perf_counter() - t0 - timings["read_build"] - timings["tokenize"]
 
     t_engine = time.perf_counter()
-    llm = (llm_factory or _default_llm)(cfg) if rows else None
+    llm = llm_factory(cfg) if first is not None else None
     timings["engine_build"] = time.perf_counter() - t_engine
     t_engine += timings["engine_build"]
+    inflight: dict[str, tuple[Any, int]] = {}     # id -> (RowRequest, plan group), while in the engine
+
+    def requests():
+        from batchv4.engine.scheduler import EngineRequest
+
+        for pr in itertools.chain([first], planned):
+            req, over, thinking = state.get(pr.key)
+            inflight[pr.key] = (req, pr.group)
+            yield EngineRequest.from_plan(pr, base.replace(**over) if over else base, thinking)
+
     buf: list[dict] = []
     progress = {"rows": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "completion_tokens": 0}
-    pbar = _bar(cfg.quiet, "generate", "row", total=len(rows))
-    for out in _generate(llm, rows, cfg):
+    pbar = _bar(cfg.quiet, "generate", "row", total=counts["planned_rows"])
+    for out in (llm.generate_stream(requests()) if llm is not None else ()):
         t0 = time.perf_counter()
-        row = rows.pop(out.request_id)
-        first = out.outputs[0]
-        if first.finish_reason == "error":
-            errors.append({"id": row.req.id, "row_index": row.req.index, "error": first.error,
-                           "raw": json.dumps({"messages": row.req.messages}, ensure_ascii=False)})
+        req, group = inflight.pop(out.request_id)
+        first_out = out.outputs[0]
+        if first_out.finish_reason == "error":
+            errors.add({"id": req.id, "row_index": req.index, "error": first_out.error,
+                        "raw": json.dumps({"messages": req.messages}, ensure_ascii=False)})
         else:
-            buf.extend(output_rows(row.req, row.group, out, card, llm, _now(), progress))
+            buf.extend(output_rows(req, group, out, card, llm, _now(), progress))
         if len(buf) >= cfg.part_rows:
             writer.write_part(amortize(buf))
             buf = []
-        if len(errors) >= cfg.part_rows:
-            counts["error_rows"] += len(errors)
-            writer.write_errors(errors)
-            errors = []
         timings["account_write"] += time.perf_counter() - t0
         if pbar is not None:
             pbar.update(1)
@@ -248,8 +281,7 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
         pbar.close()
     t0 = time.perf_counter()
     writer.write_part(amortize(buf))
-    counts["error_rows"] += len(errors)
-    writer.write_errors(errors)
+    errors.flush()
     timings["account_write"] += time.perf_counter() - t0
     timings["plan_engine"] = time.perf_counter() - t_engine - timings["account_write"]
     wall = time.perf_counter() - t_start
@@ -257,33 +289,32 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
     write_json(cfg.output, "summary.json", result, so)
     if src.format == "openai":
         from batchv4.io.openai_batch import write_openai_batch_output
-        from batchv4.io.writers import read_errors, read_output_parts
+        from batchv4.io.writers import iter_error_rows, iter_output_rows
 
-        write_openai_batch_output(cfg.output, read_output_parts(cfg.output, None, so).to_pylist(),
-                                  read_errors(cfg.output, None, so).to_pylist(), model=cfg.model, storage_options=so)
+        write_openai_batch_output(cfg.output, iter_output_rows(cfg.output, None, so), iter_error_rows(cfg.output, None, so),
+                                  model=cfg.model, storage_options=so)
     return result
 
 
-def _collect(cfg, src, spec, base, done, done_errors, errors, counts, timings) -> dict[str, _Row]:
-    """Read, build, dedupe and tokenize: the rows this invocation must generate, keyed by id. Error
-    rows go to `errors`, except those already written and those of another shard."""
-    from batchv4.io.rows import DuplicateTracker, RowError, build_request
-    from batchv4.packing import shard_of
+def _read(cfg, src, spec, base, state, errors: _Errors, counts, timings):
+    """Read, build, dedupe and tokenize, yielding a `PackInput(id, token ids)` per row this
+    invocation must generate; its record goes to `state`. Error rows go to `errors`, except those
+    already written and those of another shard."""
+    from batchv4.io.rows import RowError, build_request
+    from batchv4.packing import PackInput, shard_of
     from batchv4.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
-    dups = DuplicateTracker()
-    rows: dict[str, _Row] = {}
     read_bar = _bar(cfg.quiet, "read", "row")
     tok_bar = _bar(cfg.quiet, "tokenize", "tok")
 
     def fail(err: RowError) -> None:
-        if err.index in done_errors:
+        if state.is_done_error(err.index):
             counts["skipped_done"] += 1
         elif cfg.shard and err.index % cfg.shard[1] != cfg.shard[0]:
             counts["out_of_shard"] += 1     # rows without tokens are dealt to shards by row number
         else:
-            errors.append(err.to_record())
+            errors.add(err.to_record())
 
     def full() -> bool:
         return cfg.limit is not None and counts["input_rows"] >= cfg.limit
@@ -299,58 +330,49 @@ def _collect(cfg, src, spec, base, done, done_errors, errors, counts, timings) -
             if isinstance(r, RowError):
                 fail(r)
                 continue
-            if dups.seen(r.id):
+            if state.seen(r.id):
                 text = raw.raw if raw.raw is not None else json.dumps(raw.data, ensure_ascii=False, default=str)
                 fail(RowError(raw.index, r.id, f"duplicate id {r.id!r}", text))
                 continue
-            if raw.index in done_errors or (r.id, r.content_hash) in done:
+            if state.is_done_error(raw.index) or state.is_done(r.id, r.content_hash):
                 counts["skipped_done"] += 1
                 continue
+            over = {k: v for k, v in r.params.items() if k in _SAMPLING_KEYS}
             try:
-                over = {k: v for k, v in r.params.items() if k in _SAMPLING_KEYS}
-                params = base.replace(**over) if over else base
+                if over:
+                    base.replace(**over)
             except ValueError as e:
                 fail(RowError(raw.index, r.id, str(e).splitlines()[0], raw.raw))
                 continue
-            built.append((r, params))
+            built.append((r, over))
         t1 = time.perf_counter()
         timings["read_build"] += t1 - t0
         n_tok = 0
+        keep: list[tuple[Any, dict, bool]] = []
+        items = []
         encoded = chat_token_ids(tok, [r for r, _ in built], cfg.thinking) if built else []
-        for (r, params), (toks, think, err) in zip(built, encoded):
+        for (r, over), (toks, think, err) in zip(built, encoded):
             if err is not None:
                 fail(RowError(r.index, r.id, err, json.dumps({"messages": r.messages}, ensure_ascii=False)))
                 continue
             if cfg.shard and shard_of(toks, cfg.shard[1]) != cfg.shard[0]:
                 counts["out_of_shard"] += 1
                 continue
-            rows[r.id] = _Row(r, toks, params, think)
+            keep.append((r, over, think))
+            items.append(PackInput(r.id, toks))
             n_tok += len(toks)
+        state.put(keep)
+        counts["planned_rows"] += len(items)
         timings["tokenize"] += time.perf_counter() - t1
         if read_bar is not None:
             read_bar.update(len(batch))
             tok_bar.update(n_tok)
+        yield from items
         if full():
             break
     for b in (read_bar, tok_bar):
         if b is not None:
             b.close()
-    return rows
-
-
-def _generate(llm, rows: dict[str, _Row], cfg: RunConfig):
-    if llm is None:
-        return
-    keys = list(rows)
-    planned = llm.plan_requests(keys, [rows[k].ids for k in keys], [rows[k].params for k in keys],
-                                [rows[k].thinking for k in keys])
-
-    def remember_groups(it):
-        for r in it:
-            rows[r.request_id].group = r.group
-            yield r
-
-    yield from llm.generate_stream(remember_groups(planned))
 
 
 def _remove(url: str, names, so) -> None:

@@ -73,11 +73,11 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
     """Figures from the rows actually in the output (so a resumed run reports the whole job), plus
     what this invocation did (`this_run`)."""
     from batchv4.accounting.summary import compare_cards, summarize
-    from batchv4.io.writers import read_output_parts
+    from batchv4.io.writers import iter_output_rows
 
     cols = ["prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens",
             "reasoning_tokens", "cost_usd", "cost_usd_self_hosted", "engine_seconds"]
-    totals = summarize(read_output_parts(cfg.output, cols, cfg.storage_options or None).to_pylist())
+    totals = summarize(iter_output_rows(cfg.output, cols, cfg.storage_options or None))
     st = llm.stats() if llm is not None else NO_STATS
     computed = st["prefill_tokens"] + st["decode_tokens"] + st["cached_prompt_tokens"]
     return {

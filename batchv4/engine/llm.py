@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -24,7 +23,7 @@ from batchv4.engine.outputs import CompletionOutput, RequestOutput
 from batchv4.engine.runner import ModelRunner, NoMathRunner, size_cache
 from batchv4.engine.sampler import RowState, Sampler
 from batchv4.engine.sampling_params import SamplingParams
-from batchv4.engine.scheduler import EngineRequest, SavePlan, Scheduler, Sequence
+from batchv4.engine.scheduler import EngineRequest, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +207,7 @@ class LLM:
         tag = self._plans
         for pr in plan(PackInput(keys[i], ids[i]) for i in ok):
             i = by_key[pr.key]
-            yield EngineRequest(pr.key, list(pr.token_ids), params[i],
-                                resume_key=None if pr.resume_snap is None else (tag, pr.resume_snap),
-                                resume_pos=pr.resume_pos,
-                                saves=tuple(SavePlan((tag, s.snap_id), s.pos, s.uses) for s in pr.saves),
-                                thinking=thinking[i], group=pr.group)
+            yield EngineRequest.from_plan(pr, params[i], thinking[i], namespace=tag)
 
     def _check_request(self, req: EngineRequest) -> str | None:
         V = self.cfg.vocab_size

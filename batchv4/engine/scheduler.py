@@ -35,6 +35,16 @@ class EngineRequest:
     thinking: bool = False
     group: int | None = None                    # the plan's prefix group (cost amortization)
 
+    @classmethod
+    def from_plan(cls, planned, params, thinking: bool = False, namespace: object = None) -> EngineRequest:
+        """A `batchv4.packing.PlannedRequest` as an engine request. Its snapshots are keyed
+        `(namespace, snap_id)`: one namespace per plan keeps two plans' snapshot ids apart."""
+        return cls(str(planned.key), list(planned.token_ids), params,
+                   resume_key=None if planned.resume_snap is None else (namespace, planned.resume_snap),
+                   resume_pos=planned.resume_pos,
+                   saves=tuple(SavePlan((namespace, s.snap_id), s.pos, s.uses) for s in planned.saves),
+                   thinking=thinking, group=planned.group)
+
 
 @dataclass
 class Sequence:

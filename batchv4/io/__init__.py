@@ -7,13 +7,15 @@ OpenAI batch output file). Never imports torch.
 """
 
 from batchv4.io.readers import InputSource, RawRow, open_input
-from batchv4.io.rows import DuplicateTracker, RowError, RowRequest, RowSpec, build_request, check_columns
+from batchv4.io.rows import RowError, RowRequest, RowSpec, build_request, check_columns
 from batchv4.io.schema import ERROR_SCHEMA, OUTPUT_SCHEMA, keep_fields, output_schema
 from batchv4.io.urls import redact_url
 from batchv4.io.writers import (
     PartWriter,
     check_writable,
     finished_ids,
+    iter_error_rows,
+    iter_output_rows,
     read_errors,
     read_manifest,
     read_output_parts,
@@ -23,7 +25,6 @@ from batchv4.io.writers import (
 __all__ = [
     "ERROR_SCHEMA",
     "OUTPUT_SCHEMA",
-    "DuplicateTracker",
     "InputSource",
     "PartWriter",
     "RawRow",
@@ -34,6 +35,8 @@ __all__ = [
     "check_columns",
     "check_writable",
     "finished_ids",
+    "iter_error_rows",
+    "iter_output_rows",
     "keep_fields",
     "open_input",
     "output_schema",

@@ -8,12 +8,13 @@ and the usage block. Does not own: computing outputs or usage, or the Parquet pa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from batchv4.io.urls import first_line, get_fs, join, redact_url, write_atomic
+from batchv4.io.urls import first_line, get_fs, join, redact_url, write_atomic_chunks
 
 
 def _hid(prefix: str, key: str, length: int = 24) -> str:
@@ -93,23 +94,25 @@ def write_openai_batch_output(
 ) -> str:
     """Write `filename` in the output folder: one line per request id (its samples as `choices`),
     then one error line per error row. Returns the file's name. A request whose sample ended with
-    `finish_reason == "error"` becomes an error line."""
-    grouped: dict[str, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        grouped.setdefault(str(r["id"]), []).append(r)
-    lines = []
-    for custom_id, samples in grouped.items():
-        failed = [r for r in samples if r.get("finish_reason") == "error"]
-        if failed:
-            lines.append(_error_line(custom_id, failed[0].get("error") or "generation failed", "server_error"))
-        else:
-            lines.append(_success_line(custom_id, samples, model))
-    for e in errors:
-        lines.append(_error_line(e.get("id"), str(e.get("error")), "invalid_request"))
-    data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+    `finish_reason == "error"` becomes an error line. The samples of one id must be adjacent in
+    `rows` (as a run writes them); both iterables are consumed once, as a stream."""
+
+    def lines() -> Iterator[bytes]:
+        for custom_id, group in itertools.groupby(rows, key=lambda r: str(r["id"])):
+            samples = list(group)
+            failed = [r for r in samples if r.get("finish_reason") == "error"]
+            if failed:
+                line = _error_line(custom_id, failed[0].get("error") or "generation failed", "server_error")
+            else:
+                line = _success_line(custom_id, samples, model)
+            yield (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+        for e in errors:
+            line = _error_line(e.get("id"), str(e.get("error")), "invalid_request")
+            yield (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+
     fs, path = get_fs(out_url, storage_options)
     try:
-        write_atomic(fs, join(fs, path, filename), data)
+        write_atomic_chunks(fs, join(fs, path, filename), lines())
     except OSError as e:
         raise OSError(f"cannot write {redact_url(out_url)}/{filename}: {first_line(e)}") from e
     return filename

@@ -2,9 +2,9 @@
 
 Owns: `RowSpec` (how a row becomes a request), `check_columns` (fail before any work when an
 option names a missing column), `build_request` (one `RawRow` -> `RowRequest` or `RowError`, never
-an exception), the `{column}` template filler, the OpenAI body parameters, the content hash used
-by resume, and `DuplicateTracker`. Does not own: reading files, the chat encoding (only
-`normalize_messages` is borrowed from `batchv4.tokenizer`), or deciding what to do with duplicates.
+an exception), the `{column}` template filler, the OpenAI body parameters, and the content hash
+used by resume. Does not own: reading files, the chat encoding (only `normalize_messages` is
+borrowed from `batchv4.tokenizer`), or duplicate ids (the run's `RunState` tracks those).
 Templates are filled by plain substitution: never `str.format`, Jinja or eval on user data.
 """
 
@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from batchv4.io.readers import RawRow
@@ -291,33 +291,3 @@ def _reason(e: Exception) -> str:
 
 def _dump(data: Mapping[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, default=str)
-
-
-@dataclass
-class DuplicateTracker:
-    """Remembers ids; `seen(id)` says whether it came before.
-
-    `compact=True` keeps 8-byte blake2b digests instead of the strings (a false "seen" has
-    probability about n^2 / 2^65 for n ids: negligible below billions of rows).
-    """
-
-    compact: bool = False
-    _ids: set[Any] = field(default_factory=set, repr=False)
-
-    def _key(self, row_id: str) -> Any:
-        if not self.compact:
-            return row_id
-        return int.from_bytes(hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest(), "little")
-
-    def seen(self, row_id: str) -> bool:
-        key = self._key(row_id)
-        if key in self._ids:
-            return True
-        self._ids.add(key)
-        return False
-
-    def __contains__(self, row_id: str) -> bool:
-        return self._key(row_id) in self._ids
-
-    def __len__(self) -> int:
-        return len(self._ids)

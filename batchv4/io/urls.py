@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import uuid
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -108,6 +110,32 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         _rename(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic_chunks(fs: fsspec.AbstractFileSystem, path: str, chunks: Iterable[bytes]) -> None:
+    """`write_atomic` for data made in pieces, never held whole in memory: local files are written
+    to a hidden temporary file in the same folder and renamed; for object stores the pieces go to a
+    local temporary file first, which is then uploaded as one object."""
+    if is_local(fs):
+        folder, name = os.path.split(path)
+        os.makedirs(folder or ".", exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="batchv4-upload-")
+        os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if is_local(fs):
+            _rename(tmp, path)
+        else:
+            fs.put_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -19,7 +19,7 @@ import io
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,6 +35,8 @@ __all__ = [
     "PartWriter",
     "check_writable",
     "finished_ids",
+    "iter_error_rows",
+    "iter_output_rows",
     "read_errors",
     "read_manifest",
     "read_output_parts",
@@ -166,20 +168,27 @@ class PartWriter:
             raise OSError(f"cannot write {redact_url(self.out_url)}/{MANIFEST}: {first_line(e)}") from e
 
 
-def _read_listed(
-    out_url: str, kind: str, columns: Sequence[str] | None, storage_options: dict[str, Any] | None, empty: pa.Schema
-) -> pa.Table:
+def _iter_listed(
+    out_url: str, kind: str, columns: Sequence[str] | None, storage_options: dict[str, Any] | None
+) -> Iterator[pa.Table]:
+    """The tables of the parts of `kind` the manifest lists, one part at a time, in part order."""
     manifest = read_manifest(out_url, storage_options)
     if manifest is None:
         raise FileNotFoundError(f"no batchv4 output at {redact_url(out_url)} ({MANIFEST} is missing)")
     fs, path = get_fs(out_url, storage_options)
-    tables = []
     for entry in manifest[kind]:
         try:
             with fs.open(join(fs, path, entry["file"]), "rb") as f:
-                tables.append(pq.read_table(f, columns=list(columns) if columns is not None else None))
+                table = pq.read_table(f, columns=list(columns) if columns is not None else None)
         except (OSError, pa.ArrowException) as e:
             raise OSError(f"cannot read {redact_url(out_url)}/{entry['file']}: {first_line(e)}") from e
+        yield table
+
+
+def _read_listed(
+    out_url: str, kind: str, columns: Sequence[str] | None, storage_options: dict[str, Any] | None, empty: pa.Schema
+) -> pa.Table:
+    tables = list(_iter_listed(out_url, kind, columns, storage_options))
     if not tables:
         schema = pa.schema([empty.field(c) for c in columns]) if columns is not None else empty
         return schema.empty_table()
@@ -187,6 +196,22 @@ def _read_listed(
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
         raise ValueError(f"the parts of {redact_url(out_url)} have incompatible schemas: {first_line(e)}") from e
+
+
+def iter_output_rows(
+    out_url: str, columns: Sequence[str] | None = None, storage_options: dict[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The output rows of the listed parts as dicts, in part order, holding one part at a time."""
+    for table in _iter_listed(out_url, "parts", columns, storage_options):
+        yield from table.to_pylist()
+
+
+def iter_error_rows(
+    out_url: str, columns: Sequence[str] | None = None, storage_options: dict[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The error rows of the listed error parts as dicts, holding one part at a time."""
+    for table in _iter_listed(out_url, "error_parts", columns, storage_options):
+        yield from table.to_pylist()
 
 
 def read_output_parts(

@@ -34,16 +34,16 @@ CLI_WITH_TEST_ENGINE = (
 
 
 class FoldedLLM:
-    """The engine interface `run` uses (plan_requests, generate_stream, stats) over `LLM("test")`."""
+    """The engine interface `run` uses (generate_stream, stats) over `LLM("test")`."""
 
     def __init__(self, llm) -> None:
         self.llm = llm
 
-    def plan_requests(self, keys, ids, params, thinking, use_plan=True):
-        return self.llm.plan_requests(keys, [[t % VOCAB for t in x] for x in ids], params, thinking, use_plan)
-
     def generate_stream(self, requests):
-        return self.llm.generate_stream(requests)
+        from dataclasses import replace
+
+        return self.llm.generate_stream(replace(r, prompt_token_ids=[t % VOCAB for t in r.prompt_token_ids])
+                                        for r in requests)
 
     def stats(self) -> dict:
         return self.llm.stats()

@@ -78,7 +78,7 @@ def test_thinking_fills_reasoning(tmp_path, capsys, fast_engine):
     ids = load_tokenizer().chat_token_ids([[{"role": "user", "content": p}] for p in prompts], True)
     llm = folded_llm(RunConfig(input="", output="", max_model_len=None))
     params = [SamplingParams(max_tokens=5, temperature=0.0, seed=0)] * 2   # what run passes
-    full = {o.request_id: o for o in llm.generate_stream(llm.plan_requests(["0", "1"], ids, params, [False] * 2))}
+    full = {o.request_id: o for o in llm.generate_stream(llm.llm.plan_requests(["0", "1"], ids, params, [False] * 2))}
     for r in rows:
         text = full[r["id"]].outputs[0].text
         assert r["reasoning"] is not None

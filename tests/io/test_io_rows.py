@@ -4,7 +4,6 @@ from hypothesis import strategies as st
 
 from batchv4.io.readers import RawRow
 from batchv4.io.rows import (
-    DuplicateTracker,
     RowError,
     RowRequest,
     RowSpec,
@@ -140,10 +139,3 @@ def test_content_hash_depends_on_messages_and_params():
     assert content_hash(m, {"a": 1, "b": 2}) == content_hash(m, {"b": 2, "a": 1})
     assert content_hash(m, {}) != content_hash(m, {"temperature": 0.0})
     assert content_hash(m, {}) != content_hash([{"role": "user", "content": "y"}], {})
-
-
-@pytest.mark.parametrize("compact", [False, True])
-def test_duplicate_tracker(compact):
-    t = DuplicateTracker(compact=compact)
-    assert [t.seen(i) for i in ["a", "b", "a", "c", "b"]] == [False, False, True, False, True]
-    assert "a" in t and "z" not in t and len(t) == 3

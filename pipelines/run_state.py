@@ -1,0 +1,121 @@
+"""The working state of one `run` invocation, kept on local disk so memory does not grow with the input.
+
+Owns: the ids seen so far (duplicates), what an earlier invocation already wrote (finished rows by
+id and content hash, error rows by row index), and the record of every row handed to the planner
+(its request, sampling overrides, thinking flag and kept input values), looked up by id when the
+plan reaches that row. One SQLite file in a private temporary folder, which also holds the
+planner's spill files; everything is removed at close. Does not own: reading, planning or writing.
+
+Kept input values are stored as one-row Arrow IPC messages under the kept columns' own schema, so
+timestamps, decimals, binary and nested values come back with their types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from batchv4.io.rows import RowRequest
+from batchv4.io.schema import rows_to_table
+
+_TABLES = (
+    "CREATE TABLE seen (id BLOB PRIMARY KEY) WITHOUT ROWID",
+    "CREATE TABLE done (id BLOB, hash TEXT, PRIMARY KEY (id, hash)) WITHOUT ROWID",
+    "CREATE TABLE done_errors (row_index INTEGER PRIMARY KEY)",
+    "CREATE TABLE rows (id BLOB PRIMARY KEY, rec TEXT NOT NULL, keep BLOB) WITHOUT ROWID",
+)
+
+
+def _k(row_id: str) -> bytes:
+    # ids are stored as UTF-8 bytes; JSON input may hold lone surrogates, which SQLite text refuses
+    return row_id.encode("utf-8", "surrogatepass")
+
+
+class RunState:
+    """Use as a context manager; `dir` is the private folder (also for the planner's spill)."""
+
+    def __init__(self, kept: Sequence[pa.Field] = (), parent: str | None = None) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="batchv4-run-", dir=parent)
+        self.dir = self._tmp.name
+        self._schema = pa.schema(list(kept))
+        self._db = sqlite3.connect(os.path.join(self.dir, "state.sqlite"), isolation_level=None)
+        # a scratch database: nothing in it must survive a crash (resume reads the output folder)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        for ddl in _TABLES:
+            self._db.execute(ddl)
+        self._db.execute("BEGIN")
+        self._pending = 0
+
+    # ---- what an earlier invocation wrote ---------------------------------------------------------
+    def add_done(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO done VALUES (?, ?)", ((_k(i), h) for i, h in pairs))
+
+    def add_done_errors(self, indexes: Iterable[int]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO done_errors VALUES (?)", ((int(i),) for i in indexes))
+
+    def is_done(self, row_id: str, content_hash: str) -> bool:
+        return self._db.execute("SELECT 1 FROM done WHERE id = ? AND hash = ?", (_k(row_id), content_hash)).fetchone() is not None
+
+    def is_done_error(self, row_index: int) -> bool:
+        return self._db.execute("SELECT 1 FROM done_errors WHERE row_index = ?", (row_index,)).fetchone() is not None
+
+    # ---- this invocation --------------------------------------------------------------------------
+    def seen(self, row_id: str) -> bool:
+        """Whether `row_id` came before in this input (and remember it)."""
+        cur = self._db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (_k(row_id),))
+        self._tick()
+        return cur.rowcount == 0
+
+    def put(self, rows: Sequence[tuple[RowRequest, dict[str, Any], bool]]) -> None:
+        """Record rows handed to the planner: (request, sampling overrides, thinking)."""
+        if not rows:
+            return
+        blobs: list[bytes | None] = [None] * len(rows)
+        if len(self._schema):
+            table = rows_to_table((r.keep for r, _, _ in rows), self._schema).combine_chunks()
+            batch = table.to_batches()[0]
+            blobs = [batch.slice(i, 1).serialize().to_pybytes() for i in range(len(rows))]
+        recs = (
+            (_k(r.id), json.dumps([r.index, r.messages, r.params, r.content_hash, over, thinking]), blob)
+            for (r, over, thinking), blob in zip(rows, blobs)
+        )
+        self._db.executemany("INSERT INTO rows VALUES (?, ?, ?)", recs)
+        self._tick(len(rows))
+
+    def get(self, row_id: str) -> tuple[RowRequest, dict[str, Any], bool]:
+        """(request, sampling overrides, thinking) of a row given to `put`."""
+        found = self._db.execute("SELECT rec, keep FROM rows WHERE id = ?", (_k(row_id),)).fetchone()
+        if found is None:
+            raise KeyError(row_id)
+        index, messages, params, content_hash, over, thinking = json.loads(found[0])
+        keep: dict[str, Any] = {}
+        if found[1] is not None:
+            keep = pa.ipc.read_record_batch(pa.py_buffer(found[1]), self._schema).to_pylist()[0]
+        return RowRequest(index, row_id, messages, params, keep, content_hash), over, thinking
+
+    def _tick(self, n: int = 1) -> None:
+        # commit now and then so the database file, not memory, holds the dirty pages
+        self._pending += n
+        if self._pending >= 65_536:
+            self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+            self._pending = 0
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._tmp.cleanup()
+
+    def __enter__(self) -> RunState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
