@@ -2,7 +2,8 @@
 `run` is spent outside the engine.
 
 Run:  python benchmarks/bench_pipeline.py [--rows 20000] [--memory-rows 250000,1000000]
-      [--run-rows 48] [--run-tokens 16] [--repeats 3] [--skip estimate,memory,run]
+      [--run-rows 48] [--run-tokens 16] [--run-memory-rows 100000,400000] [--repeats 3]
+      [--skip estimate,memory,run,runmem]
 
 (a) estimate throughput: a seeded JSONL of document-question prompts (shared prefixes, as in a
     summarization job). The same rows are chat-encoded to the exact strings the estimate tokenizes,
@@ -19,6 +20,11 @@ Run:  python benchmarks/bench_pipeline.py [--rows 20000] [--memory-rows 250000,1
     tokens at once, `stats`; the planning is `run`'s own, as with the real engine). The stand-in's
     wall time is everything outside the engine (reading, tokenizing, packing, accounting,
     writing); its share of the real run's wall time is the overhead (target under 10%).
+(d) run peak memory: `run` on N rows with the engine stand-in, in a fresh child process per N that
+    reports its own peak RSS (VmHWM of /proc/self/status: unlike `ru_maxrss`, it is not carried
+    over from the parent across fork and exec). Everything but the model is real: reading,
+    tokenizing, the on-disk row records, the spilling planner, accounting and writing parts.
+    Bounded memory means the figure does not grow with N.
 """
 
 from __future__ import annotations
@@ -176,6 +182,40 @@ def bench_run(rows: int, max_tokens: int, tmp: str) -> list[tuple]:
     ]
 
 
+# ---- (d) run peak memory ------------------------------------------------------------------------
+def _child_run_peak(path: str, out: str) -> None:
+    """Child process: one `run` on the stand-in; print its own peak RSS and time."""
+    from batchv4.pipelines.run import RunConfig, run
+
+    t = time.perf_counter()
+    res = run(RunConfig(input=path, output=out, max_tokens=4, quiet=True, part_rows=4096),
+              llm_factory=lambda cfg: InstantEngine())
+    dt = time.perf_counter() - t
+    with open("/proc/self/status") as f:
+        hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_mib": hwm_kib / 1024, "seconds": dt,
+                      "rows": res["counts"]["output_rows"], "tokens": res["totals"]["prompt_tokens"]}))
+
+
+def bench_run_memory(sizes: list[int], tmp: str) -> list[tuple]:
+    out = []
+    for n in sizes:
+        path = os.path.join(tmp, f"run-{n}.jsonl")
+        write_jsonl(path, make_rows(n, seed=4, doc_words=16, q_words=6))
+        size = os.path.getsize(path)
+        p = subprocess.run([sys.executable, __file__, "_runpeak", path, os.path.join(tmp, f"out-run-{n}")],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(p.stderr[-2000:])
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        if r["rows"] != n:
+            raise SystemExit(f"run wrote {r['rows']} output rows for {n} input rows")
+        out.append((f"{n:,}", f"{size / 2**20:,.0f}", f"{r['tokens']:,}", f"{r['seconds']:.1f}",
+                    f"{r['peak_mib']:,.0f}"))
+        os.unlink(path)
+    return out
+
+
 def table(header: tuple, rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -186,13 +226,17 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "_peak":
         _child_peak(sys.argv[2])
         return
+    if len(sys.argv) == 4 and sys.argv[1] == "_runpeak":
+        _child_run_peak(sys.argv[2], sys.argv[3])
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20_000, help="rows for the estimate throughput")
     ap.add_argument("--memory-rows", default="250000,1000000", help="comma-separated row counts for peak memory")
     ap.add_argument("--run-rows", type=int, default=48)
     ap.add_argument("--run-tokens", type=int, default=16, help="max tokens per row in the run benchmark")
+    ap.add_argument("--run-memory-rows", default="100000,400000", help="comma-separated row counts for run memory")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma-separated: estimate,memory,run")
+    ap.add_argument("--skip", default="", help="comma-separated: estimate,memory,run,runmem")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     print(f"command: python benchmarks/bench_pipeline.py {' '.join(sys.argv[1:])}".rstrip())
@@ -211,6 +255,11 @@ def main() -> None:
             print(f"### run: wall time outside the engine ({args.run_rows} rows, max {args.run_tokens} tokens)\n")
             print(table(("engine", "rows", "tokens", "wall s", "share of real run", "seconds by stage"),
                         bench_run(args.run_rows, args.run_tokens, tmp)) + "\n", flush=True)
+        if "runmem" not in skip:
+            sizes = [int(x) for x in args.run_memory_rows.split(",") if x]
+            print("### run peak memory (engine stand-in, child process, VmHWM)\n")
+            print(table(("rows", "file MiB", "prompt tokens", "seconds", "peak RSS MiB"),
+                        bench_run_memory(sizes, tmp)) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -304,7 +304,9 @@ def _read(cfg, src, spec, base, state, errors: _Errors, counts, timings):
     from batchv4.packing import PackInput, shard_of
     from batchv4.tokenizer import load_tokenizer
 
+    t0 = time.perf_counter()
     tok = load_tokenizer()
+    timings["tokenize"] += time.perf_counter() - t0
     read_bar = _bar(cfg.quiet, "read", "row")
     tok_bar = _bar(cfg.quiet, "tokenize", "tok")
 
