@@ -47,6 +47,7 @@ class Attention(nn.Module):
         self._inv_freq: torch.Tensor | None = None
         self.sim = False  # FP8/FP4 activation-quantization simulation (set by the model)
         self.use_kernels = False  # Triton sparse attention + indexer (the model sets it on CUDA)
+        self.batched_decode = True  # decode steps of many sequences in one attention (torch path)
 
     # ---- token-wise parts shared by both forwards -------------------------------------------------
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,10 +150,13 @@ class Attention(nn.Module):
                 self._extend_decode(self.indexer.compressor, pools.ikey[layer], pools.istate[layer], ia, ig, fb,
                                     rows, single, P, indexer=True)
         done = set(single) if len(single) > 1 else set()
+        if done and self.batched_decode:
+            self._decode_rows(q, kv, fb, pools, layer, single, out,
+                              (qi, wi) if self.kind == "csa" else None)
         for b in range(fb.num_seqs):
             r0, r1 = fb.cu_seqlens[b], fb.cu_seqlens[b + 1]
             L = r1 - r0
-            if L == 0:
+            if L == 0 or (b in done and self.batched_decode):
                 continue
             p0, slot = fb.start_pos[b], fb.slots[b]
             pos = fb.positions[r0:r1]
@@ -197,6 +201,43 @@ class Attention(nn.Module):
             keep = min(W, L)
             ring[slot, pos[L - keep:] % W] = kv[r1 - keep:r1].to(ring.dtype)
         return self._out(out, cos, sin)
+
+    def _decode_rows(self, q, kv, fb: ForwardBatch, pools: CachePools, layer: int, seqs: list[int],
+                     out: torch.Tensor, idx_q) -> None:
+        """Attention of the single-token sequences `seqs` at once: each query against its ring of
+        the last W positions and its compressed entries (padded to the longest; for CSA the
+        indexer's top-k of them). Their compressor steps must already be done. Writes `out` rows
+        and the new kv into the rings."""
+        dev = q.device
+        W, P = self.window, pools.layout.page_size
+        ring = pools.window[layer]
+        rows = torch.tensor([fb.cu_seqlens[b] for b in seqs], device=dev)
+        slots = torch.tensor([fb.slots[b] for b in seqs], device=dev)
+        pos = fb.positions[rows]                                                   # [B]
+        # the ring slot of position p is p % W: after this write it holds positions (p-W, p]
+        ring[slots, pos % W] = kv[rows].to(ring.dtype)
+        keys = ring[slots].to(kv.dtype)                                            # [B, W, Dh]
+        j = torch.arange(W, device=dev)
+        visible = (j[None, :] <= pos[:, None]) | (pos[:, None] >= W - 1)           # [B, W]
+        if self.ratio:
+            n_ent = (pos + 1) // self.ratio                                        # [B]
+            N = int(n_ent.max())
+            if N:
+                ent = torch.arange(N, device=dev)
+                table = fb.page_tables[self.ratio][torch.tensor(seqs, device=dev)]
+                pages = table[:, ent // P].clamp(min=0)                            # [B, N]
+                comp = pools.comp[layer][pages, ent % P].to(kv.dtype)              # [B, N, Dh]
+                seen = ent[None, :] < n_ent[:, None]
+                if idx_q is not None:
+                    ikeys = pools.ikey[layer][pages, ent % P]                      # [B, N, Di]
+                    sel = self.indexer.select_rows(idx_q[0][rows], idx_q[1][rows], ikeys, pos)
+                    chosen = torch.zeros(len(seqs), N + 1, dtype=torch.bool, device=dev)
+                    chosen.scatter_(1, torch.where(sel >= 0, sel, N), True)
+                    seen = seen & chosen[:, :N]
+                keys = torch.cat([keys, comp], dim=1)
+                visible = torch.cat([visible, seen], dim=1)
+        bias = torch.zeros(visible.shape, device=dev).masked_fill(~visible, float("-inf"))
+        out[rows] = self._sdpa(q[rows], keys, bias)
 
     def _packed_kernels(self, x, fb: ForwardBatch, pools: CachePools, layer: int, q, kv, cos, sin,
                         comp_in, idx_in) -> torch.Tensor:

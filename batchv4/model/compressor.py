@@ -210,15 +210,32 @@ class Indexer(nn.Module):
         if k == 0 or L == 0:
             return out
         kf = keys.float()
-        ent = torch.arange(N, device=q.device)
         for s in range(0, L, block):
             qb, wb, pb = q[s:s + block], w[s:s + block], positions[s:s + block]
             score = torch.einsum("lhd,nd->lhn", qb, kf).relu_()
             score = (score * wb.unsqueeze(-1)).sum(dim=1)                       # [l, N]
-            limit = (pb + 1) // self.ratio                                       # visible count
-            score = score.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
-            # ReLU makes exact ties (at 0) common; a stable sort breaks them by lower entry index, so
-            # a query's selection does not depend on how many later entries exist
-            top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
-            out[s:s + block] = torch.where(top >= limit[:, None], torch.full_like(top, -1), top)
+            out[s:s + block] = self._top(score, (pb + 1) // self.ratio, k)
         return out
+
+    def select_rows(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+        """`select` for B queries of B different sequences at once (decode): q [B, Hi, Di],
+        w [B, Hi], keys [B, N, Di] (each row's entries, padded to N), positions [B] ->
+        [B, min(topk, N)] entry ids, -1 where fewer are visible. Same rule, same ties."""
+        k = min(self.topk, keys.shape[1])
+        if k == 0:
+            return torch.full((q.shape[0], 0), -1, dtype=torch.int64, device=q.device)
+        score = torch.einsum("bhd,bnd->bhn", q, keys.float()).relu_()
+        score = (score * w.unsqueeze(-1)).sum(dim=1)                             # [B, N]
+        return self._top(score, (positions + 1) // self.ratio, k)
+
+    @staticmethod
+    def _top(score: torch.Tensor, limit: torch.Tensor, k: int) -> torch.Tensor:
+        """score [R, N], visible count per row [R] -> the k best visible entry ids [R, k], -1 where
+        fewer than k are visible."""
+        ent = torch.arange(score.shape[1], device=score.device)
+        score = score.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
+        # ReLU makes exact ties (at 0) common; a stable sort breaks them by lower entry index, so
+        # a query's selection does not depend on how many later entries exist
+        top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
+        return torch.where(top >= limit[:, None], torch.full_like(top, -1), top)

@@ -92,16 +92,28 @@ def test_snapshot_restore_mid_prompt(model, ids, split):
     assert (out - want).abs().max() < TOL
 
 
-def test_batched_decode_of_many_sequences(model):
-    """Several single-token sequences in one call take the batched compressor path; each equals
-    its own reference, across entry boundaries of both ratios."""
+@pytest.mark.parametrize("batched", [True, False])
+def test_batched_decode_of_many_sequences(model, batched):
+    """Several single-token sequences in one call take the batched compressor and attention paths
+    (or, with `batched_decode` off, the per-sequence attention); each equals its own reference,
+    across entry boundaries of both ratios, from before the window fills (position 1) and before
+    any entry exists, to past the indexer's top-k."""
     g = torch.Generator().manual_seed(12)
-    seqs = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (13, 15, 16, 30, 9)]
+    seqs = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (13, 15, 16, 30, 9, 8, 11, 47)]
     refs = [model.forward_reference(torch.tensor(s)) for s in seqs]
     h = Harness(model)
-    start = [s_len - 6 for s_len in map(len, seqs)]
-    h.step([(i, s[:start[i]]) for i, s in enumerate(seqs)])
-    for k in range(6):
-        out = h.step([(i, [s[start[i] + k]]) for i, s in enumerate(seqs)])
-        for i in range(len(seqs)):
-            assert (out[i] - refs[i][start[i] + k]).abs().max() < TOL, (i, k)
+    start = [1, 9, 10, 24, 3, 2, 5, 37]
+    steps = min(len(s) - st for s, st in zip(seqs, start))
+    try:
+        for m in model.modules():
+            if hasattr(m, "batched_decode"):
+                m.batched_decode = batched
+        h.step([(i, s[:start[i]]) for i, s in enumerate(seqs)])
+        for k in range(steps):
+            out = h.step([(i, [s[start[i] + k]]) for i, s in enumerate(seqs)])
+            for i in range(len(seqs)):
+                assert (out[i] - refs[i][start[i] + k]).abs().max() < TOL, (i, k)
+    finally:
+        for m in model.modules():
+            if hasattr(m, "batched_decode"):
+                m.batched_decode = True
