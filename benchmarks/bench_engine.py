@@ -151,20 +151,20 @@ def _tokens_of(llm, sid) -> int:
     return 0
 
 
-def part_memory():
+def part_memory(page_sizes=(16,)):
     print("\n## Cache memory: paged bytes per cached token vs compressed size, snapshots\n")
     print("| geometry | workload | page size | allocated / compressed (at peak allocation) | peak snapshots | "
           "snapshot bytes each | paged bytes per token (full pages) |")
     print("|---|---|---|---|---|---|---|")
     from batchv4 import SamplingParams
 
-    for geom in ("tiny", "V4-Flash"):
-        for name, prompts in loads().items():
+    for geom, page, (name, prompts) in [(g, ps, w) for g in ("tiny", "V4-Flash") for ps in page_sizes
+                                        for w in loads().items()]:
             from batchv4 import LLM
 
             model = "tiny" if geom == "tiny" else "deepseek-v4-flash"
             llm = LLM(model, dtype="bfloat16", kv_cache_memory="8GiB", max_num_batched_tokens=2048,
-                      max_num_seqs=32, page_size=16, dry_run=True)
+                      max_num_seqs=32, page_size=page, dry_run=True)
             worst = [0.0, 1.0]       # at the step where allocated page bytes peak
             orig = llm.runner.execute
 
@@ -179,7 +179,7 @@ def part_memory():
             llm.generate([{"prompt_token_ids": p} for p in prompts],
                          SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
             st = llm.stats()
-            print(f"| {geom} | {name} | 16 | {worst[1]:.3f} | {st['peak_snapshots']} | "
+            print(f"| {geom} | {name} | {page} | {worst[1]:.3f} | {st['peak_snapshots']} | "
                   f"{st['bytes_per_snapshot'] / 2**20:.2f} MiB | {st['page_bytes_per_token']:.0f} B |", flush=True)
 
 
@@ -209,8 +209,11 @@ def part_long():
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["work", "throughput", "memory", "long", "all"], default="all")
+    ap.add_argument("--page-sizes", default="8", help="comma-separated page sizes (entries) for --part memory")
     a = ap.parse_args()
-    parts = {"work": part_work, "throughput": part_throughput, "memory": part_memory, "long": part_long}
+    sizes = tuple(int(x) for x in a.page_sizes.split(",") if x)
+    parts = {"work": part_work, "throughput": part_throughput, "memory": lambda: part_memory(sizes),
+             "long": part_long}
     for name, fn in parts.items():
         if a.part in (name, "all"):
             fn()

@@ -11,6 +11,7 @@ scheduling. Plain Python, tested with exact ids.
 from __future__ import annotations
 
 import heapq
+from array import array
 from dataclasses import dataclass, field
 
 
@@ -19,17 +20,27 @@ class NoSpace(Exception):
 
 
 class IdPool:
-    """Ids 0..n-1 with reference counts; the lowest free id is handed out first."""
+    """Ids 0..n-1 with reference counts; the lowest free id is handed out first.
+
+    Memory is 4 bytes per id plus the ids returned so far: ids never handed out are not listed
+    (every id >= `_fresh` is free), so a pool of tens of millions of small pages costs no Python
+    objects per page."""
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.free = list(range(n))
-        self.refs = [0] * n
+        self._fresh = 0                     # ids >= _fresh were never handed out
+        self._returned: list[int] = []      # heap of freed ids, all < _fresh
+        self.refs = array("I")
+        self.refs.frombytes(bytes(4 * n))
 
     def alloc(self) -> int:
-        if not self.free:
+        if self._returned:
+            i = heapq.heappop(self._returned)
+        elif self._fresh < self.n:
+            i = self._fresh
+            self._fresh += 1
+        else:
             raise NoSpace
-        i = heapq.heappop(self.free)
         self.refs[i] = 1
         return i
 
@@ -43,15 +54,15 @@ class IdPool:
             raise ValueError(f"id {i} is not allocated")
         self.refs[i] -= 1
         if self.refs[i] == 0:
-            heapq.heappush(self.free, i)
+            heapq.heappush(self._returned, i)
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return self.n - self._fresh + len(self._returned)
 
     @property
     def num_used(self) -> int:
-        return self.n - len(self.free)
+        return self._fresh - len(self._returned)
 
 
 @dataclass

@@ -62,10 +62,12 @@ class EngineStats:
 class LLM:
     def __init__(self, model: str = "tiny", dtype: str | torch.dtype = "auto", device: str = "cpu",
                  kv_cache_memory: int | str = "512MiB", max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 64, max_snapshots: int = 64, seed: int = 0, page_size: int = 64,
+                 max_num_seqs: int = 64, max_snapshots: int = 64, seed: int = 0, page_size: int = 8,
                  max_model_len: int | None = None, layers: list[int] | None = None,
                  use_kernels: bool | None = None, dry_run: bool = False) -> None:
-        """`dry_run` builds the model on the meta device and runs the scheduler and cache manager
+        """`page_size` is in compressed entries per page (8 = 32 tokens of a CSA layer): small pages
+        keep short sequences' partly filled pages small (see benchmarks/RESULTS.md, cache memory).
+        `dry_run` builds the model on the meta device and runs the scheduler and cache manager
         with a runner that does no math (bookkeeping at real geometries on any machine)."""
         from batchv4.model.model import Transformer
 

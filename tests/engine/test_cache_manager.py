@@ -16,13 +16,31 @@ def test_idpool_lowest_first_and_refcounts():
     assert [p.alloc(), p.alloc()] == [0, 1]
     p.incref(0)
     p.decref(0)
-    assert p.refs == [1, 1, 0]
+    assert list(p.refs) == [1, 1, 0]
     p.decref(0)
     assert p.alloc() == 0 and p.alloc() == 2
     with pytest.raises(NoSpace):
         p.alloc()
     with pytest.raises(ValueError):
         IdPool(1).decref(0)
+
+
+def test_idpool_of_millions_lists_only_returned_ids():
+    """A pool of 20M small pages holds 4 bytes per id, not a Python list of every free id; the
+    lowest free id still comes first, whether it was returned or never handed out."""
+    import tracemalloc
+
+    tracemalloc.start()
+    p = IdPool(20_000_000)
+    size = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert size < 100 * 2**20
+    assert [p.alloc() for _ in range(4)] == [0, 1, 2, 3] and p.num_used == 4
+    p.decref(2)
+    p.decref(0)
+    assert p.num_free == 20_000_000 - 2
+    assert [p.alloc(), p.alloc(), p.alloc()] == [0, 2, 4]
+    assert p.num_used == 5 and list(p.refs[:6]) == [1, 1, 1, 1, 1, 0]
 
 
 def test_pages_follow_entries():
@@ -43,7 +61,7 @@ def test_snapshot_shares_full_pages_and_copies_the_partial_one():
     cm.ensure("a", 20)                       # ratio 4: 5 entries -> pages [0,1,2]; ratio 16: 1 -> [0]
     src, snap_slot = cm.save("a", key=7, pos=20, uses=2)
     assert (src, snap_slot) == (0, 1)
-    assert cm.pages[4].refs[:3] == [2, 2, 2] and cm.pages[16].refs[0] == 2
+    assert list(cm.pages[4].refs[:3]) == [2, 2, 2] and cm.pages[16].refs[0] == 2
     cm.snapshots[7].ready = True
     s, d, copies = cm.restore(7, "b")
     assert (s, d) == (1, 2)
@@ -51,11 +69,11 @@ def test_snapshot_shares_full_pages_and_copies_the_partial_one():
     # 1 entry at ratio 16 -> page 0 partial: copied into new page 1
     assert copies == [(4, 2, 3), (16, 0, 1)]
     assert cm.seqs["b"].pages == {4: [0, 1, 3], 16: [1]}
-    assert cm.pages[4].refs[:4] == [3, 3, 2, 1]
+    assert list(cm.pages[4].refs[:4]) == [3, 3, 2, 1]
     assert cm.snapshots[7].uses_left == 1
     cm.free_seq("a")
     cm.free_seq("b")
-    assert cm.pages[4].refs[:4] == [1, 1, 1, 0]
+    assert list(cm.pages[4].refs[:4]) == [1, 1, 1, 0]
     assert cm.release_unneeded() == 0            # one use left: kept
     cm.restore(7, "c")
     cm.free_seq("c")
@@ -96,4 +114,4 @@ def test_failed_restore_holds_nothing():
     cm.snapshots["k"].ready = True
     with pytest.raises(NoSpace):             # the partial page's copy needs a 4th page
         cm.restore("k", "b")
-    assert "b" not in cm.seqs and cm.slots.num_used == 2 and cm.pages[4].refs == [2, 2, 2]
+    assert "b" not in cm.seqs and cm.slots.num_used == 2 and list(cm.pages[4].refs) == [2, 2, 2]
