@@ -249,7 +249,7 @@ class LLM:
                 forks.append(s)
         rows = [RowState(s.request.params, s.request.request_id, s.sample_index, s.num_generated,
                          s.tokens[:s.num_prompt], s.tokens[s.num_prompt:]) for s in todo]
-        stacked = torch.stack([logits[s.seq_id] for s in todo]).float()
+        stacked = _stack_rows([logits[s.seq_id] for s in todo])
         results = self.sampler.sample(stacked, rows)
         for s, res in zip(todo, results):
             self._append(s, res)
@@ -329,3 +329,15 @@ class LLM:
         s.peak_snapshots = max(s.peak_snapshots, n)
         snap_bytes = n * self.layout.bytes_per_snapshot()
         s.peak_snapshot_bytes = max(s.peak_snapshot_bytes, snap_bytes)
+
+
+def _stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Logit rows [V] -> [B, V] fp32. When they are, in order, all the rows of one contiguous
+    tensor (the usual decode step: every sequence's logits from one forward), that tensor is
+    used as it is instead of copying B x V floats."""
+    base = rows[0]._base
+    if (base is not None and base.dim() == 2 and base.shape[0] == len(rows) and base.is_contiguous()
+            and all(r._base is base and r.storage_offset() == base.storage_offset() + i * base.shape[1]
+                    for i, r in enumerate(rows))):
+        return base.float()
+    return torch.stack(rows).float()

@@ -50,7 +50,7 @@ class RowState:
 @dataclass(frozen=True)
 class SampleResult:
     token_id: int
-    logprob: float  # raw logprob of token_id
+    logprob: float | None  # raw logprob of token_id (None unless the row asked for logprobs)
     top_logprobs: dict[int, float] | None  # top params.logprobs tokens + token_id, best first
 
 
@@ -169,30 +169,30 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: Sequence[RowState]) -> list[SampleResult]:
         """logits [B, V] fp32 (row i belongs to rows[i]) -> one SampleResult per row."""
-        logits = _check_logits(logits, rows)
+        logits, best = _check_logits(logits, rows, with_argmax=True)
         penalized = apply_penalties(logits, rows)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
         rand = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if greedy:
-            # torch.argmax returns the first maximal index, i.e. the lower token id on ties.
-            tokens[greedy] = penalized[greedy].argmax(dim=-1)
+            # the first maximal index, i.e. the lower token id on ties (torch.max and argmax agree)
+            tokens[greedy] = best[greedy] if penalized is logits else penalized[greedy].argmax(dim=-1)
         for start in range(0, len(rand), self.max_rows_per_chunk):
             chunk = rand[start : start + self.max_rows_per_chunk]
             filtered = filter_logits(penalized[chunk], [rows[i].params for i in chunk])
             probs = torch.softmax(filtered.double(), dim=-1)
             u = torch.tensor([self._uniform(rows[i]) for i in chunk], dtype=torch.float64, device=logits.device)
             tokens[chunk] = inverse_cdf(probs, u)
-        log_norm = torch.logsumexp(logits, dim=-1)  # [B]
-        token_logprobs = (logits.gather(1, tokens[:, None]).squeeze(1) - log_norm).tolist()
         token_list = tokens.tolist()
-        results = []
-        for i, row in enumerate(rows):
-            top = None
-            if row.params.logprobs is not None:
-                top = _top_logprobs(logits[i], log_norm[i], row.params.logprobs)
-                top.setdefault(token_list[i], token_logprobs[i])
-            results.append(SampleResult(token_list[i], token_logprobs[i], top))
+        results = [SampleResult(t, None, None) for t in token_list]
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if want:
+            log_norm = torch.logsumexp(logits[want], dim=-1)  # [W]
+            chosen = (logits[want].gather(1, tokens[want][:, None]).squeeze(1) - log_norm).tolist()
+            for j, i in enumerate(want):
+                top = _top_logprobs(logits[i], log_norm[j], rows[i].params.logprobs)
+                top.setdefault(token_list[i], chosen[j])
+                results[i] = SampleResult(token_list[i], chosen[j], top)
         return results
 
     def _uniform(self, row: RowState) -> float:
@@ -200,18 +200,21 @@ class Sampler:
         return sampling_uniform(seed, row.request_id, row.sample_index, row.step)
 
 
-def _check_logits(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+def _check_logits(logits: torch.Tensor, rows: Sequence[RowState], with_argmax: bool = False):
+    """logits as fp32, after checking shape and values; with `with_argmax`, also each row's first
+    maximal index (one pass does both)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError("logits must be a floating-point tensor of shape [batch, vocab]")
     if logits.shape[0] != len(rows):
         raise ValueError(f"logits have {logits.shape[0]} rows but {len(rows)} row states were given")
     logits = logits.float()
     # max propagates NaN, so one reduction catches NaN, +inf and all -inf rows.
-    bad = (~torch.isfinite(logits.amax(dim=-1))).nonzero().flatten().tolist()
+    top = logits.max(dim=-1)
+    bad = (~torch.isfinite(top.values)).nonzero().flatten().tolist()
     if bad:
         ids = ", ".join(rows[i].request_id for i in bad[:5])
         raise ValueError(f"logits contain NaN or +inf, or only -inf, for requests {ids}")
-    return logits
+    return (logits, top.indices) if with_argmax else logits
 
 
 def _ids_tensor(ids: Sequence[int], vocab: int, request_id: str, device: torch.device) -> torch.Tensor:

@@ -124,3 +124,14 @@ def test_context_limit_is_an_error():
                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert out[0].outputs[0].finish_reason == "error" and "context" in out[0].outputs[0].error
     assert out[1].outputs[0].finish_reason == "length"
+
+
+def test_stack_rows_reuses_a_whole_logits_tensor_and_copies_otherwise():
+    from batchv4.engine.llm import _stack_rows
+
+    x = torch.randn(3, 5)
+    assert _stack_rows([x[i] for i in range(3)]) is x
+    assert torch.equal(_stack_rows([x[2], x[0], x[1]]), x[[2, 0, 1]])
+    assert torch.equal(_stack_rows([x[0], x[1]]), x[:2])
+    y = torch.randn(2, 5)
+    assert torch.equal(_stack_rows([x[0], y[1], x[2]]), torch.stack([x[0], y[1], x[2]]))
