@@ -54,6 +54,7 @@ class RunConfig:
     stop: tuple[str, ...] = ()
     n: int = 1
     kv_cache_memory: str = "512MiB"
+    kv_cache_dtype: str = "auto"
     max_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_model_len: int | None = None
@@ -70,12 +71,15 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         """What decides a row's output columns: model, prompt building, thinking, sampling, the
-        context limit, sharding, kept columns and the price card. Not: the input's location,
+        context limit, sharding, kept columns, the price card, and an fp8 cache (it runs the
+        activation simulation). Not: the input's location,
         `--limit`, engine sizing, part size."""
         keys = ("model", "fmt", "prompt_column", "messages_column", "template", "system", "id_column",
                 "keep_columns", "thinking", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "shard",
                 "max_model_len", "price")
-        d = {k: getattr(self, k) for k in keys}
+        # the fp8 cache runs the activation simulation: other numbers, so another configuration
+        extra = {"kv_cache_dtype": self.kv_cache_dtype} if self.kv_cache_dtype != "auto" else {}
+        d = {k: getattr(self, k) for k in keys} | extra
         d["stop"], d["keep_columns"] = list(self.stop), list(self.keep_columns)
         d["shard"] = list(self.shard) if self.shard else None
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -129,6 +133,8 @@ def _check_options(cfg: RunConfig):
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
     if cfg.max_model_len is not None and cfg.max_model_len < 2:
         raise ValueError(f"--max-model-len must be >= 2, got {cfg.max_model_len}")
+    if cfg.kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"--kv-cache-dtype must be auto or fp8, got {cfg.kv_cache_dtype!r}")
     if cfg.limit is not None and cfg.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {cfg.limit}")
     base = SamplingParams(n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -408,7 +414,7 @@ def _default_llm(cfg: RunConfig):
 
     return LLM(cfg.model, device=cfg.device, kv_cache_memory=cfg.kv_cache_memory,
                max_num_batched_tokens=cfg.max_batched_tokens, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
-               max_model_len=cfg.max_model_len)
+               max_model_len=cfg.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype)
 
 
 def _bar(quiet: bool, desc: str, unit: str, total: int | None = None):

@@ -46,8 +46,8 @@ RUN_SECTIONS = (
     ("Input and output", ("output", "fmt", "limit", "shard", "resume", "part_rows")),
     ("Prompts", ("prompt_column", "messages_column", "template", "system", "id_column", "keep_columns", "thinking")),
     ("Sampling", ("max_tokens", "temperature", "top_p", "seed", "stop", "n")),
-    ("Model and engine", ("model", "device", "kv_cache_memory", "max_batched_tokens", "max_num_seqs",
-                          "max_model_len")),
+    ("Model and engine", ("model", "device", "kv_cache_memory", "kv_cache_dtype", "max_batched_tokens",
+                          "max_num_seqs", "max_model_len")),
     ("Cost", ("price", "prices_file")),
 )
 
@@ -75,6 +75,9 @@ RUN_SECTIONS = (
 @click.option("--stop", multiple=True, help="Stop string (repeatable).  [default: none]")
 @click.option("-n", "n", default=1, type=int, help="Samples per row; each is its own output row (sample_index).")
 @click.option("--kv-cache-memory", default="512MiB", help="Memory for the KV cache and snapshots.")
+@click.option("--kv-cache-dtype", default="auto", type=click.Choice(["auto", "fp8"]),
+              help="auto: the model's dtype; fp8: V4's production cache (FP8 entries, FP4 indexer keys) "
+                   "with the FP8/FP4 activation simulation.")
 @click.option("--max-batched-tokens", default=2048, type=int, help="Token budget per engine step.")
 @click.option("--max-num-seqs", default=64, type=int, help="Sequences running at once.")
 @click.option("--max-model-len", default=None, type=int,
@@ -90,8 +93,8 @@ RUN_SECTIONS = (
 @click.option("--part-rows", default=512, type=int, help="Output rows per Parquet part.")
 @click.option("--quiet", is_flag=True, help="No progress bars or table.")
 def run(input_url, output, fmt, model, prompt_column, messages_column, template, system, id_column, keep_columns,
-        thinking, max_tokens, temperature, top_p, seed, stop, n, kv_cache_memory, max_batched_tokens, max_num_seqs,
-        max_model_len, device, price, prices_file, limit, shard, resume, part_rows, quiet):
+        thinking, max_tokens, temperature, top_p, seed, stop, n, kv_cache_memory, kv_cache_dtype, max_batched_tokens,
+        max_num_seqs, max_model_len, device, price, prices_file, limit, shard, resume, part_rows, quiet):
     """Generate an output for every row of INPUT (Parquet, JSONL or OpenAI batch JSONL; a file, a
     folder, a glob or any fsspec URL) into the folder OUTPUT: Parquet parts with per-row tokens and
     cost, errors-*.parquet for rows that cannot run, summary.json."""
@@ -101,7 +104,8 @@ def run(input_url, output, fmt, model, prompt_column, messages_column, template,
                     messages_column=messages_column, template=template, system=system, id_column=id_column,
                     keep_columns=tuple(c.strip() for c in keep_columns.split(",") if c.strip()),
                     thinking=thinking, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop=tuple(stop), n=n, kv_cache_memory=kv_cache_memory, max_batched_tokens=max_batched_tokens,
+                    stop=tuple(stop), n=n, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+                    max_batched_tokens=max_batched_tokens,
                     max_num_seqs=max_num_seqs, max_model_len=max_model_len, price=price, prices_file=prices_file,
                     limit=limit, shard=shard, overwrite=not resume, quiet=quiet, part_rows=part_rows, device=device)
     summary = run_job(cfg)

@@ -64,11 +64,17 @@ class LLM:
                  kv_cache_memory: int | str = "512MiB", max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, max_snapshots: int = 64, seed: int = 0, page_size: int = 8,
                  max_model_len: int | None = None, layers: list[int] | None = None,
-                 use_kernels: bool | None = None, dry_run: bool = False) -> None:
+                 use_kernels: bool | None = None, dry_run: bool = False, kv_cache_dtype: str = "auto") -> None:
         """`page_size` is in compressed entries per page (8 = 32 tokens of a CSA layer): small pages
         keep short sequences' partly filled pages small (see benchmarks/RESULTS.md, cache memory).
         `dry_run` builds the model on the meta device and runs the scheduler and cache manager
-        with a runner that does no math (bookkeeping at real geometries on any machine)."""
+        with a runner that does no math (bookkeeping at real geometries on any machine).
+        `kv_cache_dtype="fp8"` stores compressed entries as FP8 (584 B each for V4 in bf16) and
+        indexer keys as FP4 (68 B), and runs the reference's FP8/FP4 activation simulation, whose
+        values those formats hold exactly; "auto" keeps them in the model's dtype. FP8 runs on the
+        torch attention path (the Triton attention kernels read the native layout)."""
+        if kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
         from batchv4.model.model import Transformer
 
         if max_num_batched_tokens < 1:
@@ -93,12 +99,18 @@ class LLM:
                 self.model = Transformer(self.cfg, layers)
             load_checkpoint(self.model, model, layers=layers, dtype=self.dtype, device=str(self.device))
         self.model.eval()
+        fp8 = kv_cache_dtype == "fp8"
         if not dry_run:
-            self.model.set_kernels(self.device.type == "cuda" if use_kernels is None else use_kernels)
+            kernels = self.device.type == "cuda" and not fp8 if use_kernels is None else use_kernels
+            if kernels and fp8:
+                raise ValueError("kv_cache_dtype='fp8' runs without the Triton attention kernels: "
+                                 "pass use_kernels=False")
+            self.model.set_kernels(kernels)
+            self.model.set_activation_sim(fp8)
         from batchv4.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model if os.path.isdir(model) else None)
-        self.layout = self.model.cache_layout(self.dtype, page_size)
+        self.layout = self.model.cache_layout(self.dtype, page_size, kv_format="fp8" if fp8 else "native")
         slots, pages = size_cache(self.layout, parse_bytes(kv_cache_memory), max_num_seqs, max_snapshots)
         self.cache = CacheManager(self.layout.ratios, page_size, pages, slots)
         self.runner = NoMathRunner(self.cfg.vocab_size) if dry_run else \

@@ -11,7 +11,6 @@ cache pools of a `ForwardBatch`). Does not own: page or slot allocation (the eng
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from batchv4.config import ModelConfig
@@ -144,10 +143,10 @@ class Attention(nn.Module):
         if self.ratio and len(single) > 1:
             # decode steps: one compressor update for all single-token sequences
             rows = [fb.cu_seqlens[b] for b in single]
-            self._extend_decode(self.compressor, pools.comp[layer], pools.state[layer], a, g, fb, rows, single,
+            self._extend_decode(self.compressor, pools, layer, pools.state[layer], a, g, fb, rows, single,
                                 P, indexer=False)
             if self.kind == "csa":
-                self._extend_decode(self.indexer.compressor, pools.ikey[layer], pools.istate[layer], ia, ig, fb,
+                self._extend_decode(self.indexer.compressor, pools, layer, pools.istate[layer], ia, ig, fb,
                                     rows, single, P, indexer=True)
         done = set(single) if len(single) > 1 else set()
         if done and self.batched_decode:
@@ -168,17 +167,17 @@ class Attention(nn.Module):
             if self.ratio:
                 table = fb.page_tables[self.ratio][b]
                 if b not in done:
-                    self._extend(self.compressor, pools.comp[layer], pools.state[layer], a[r0:r1], g[r0:r1],
+                    self._extend(self.compressor, pools, layer, pools.state[layer], a[r0:r1], g[r0:r1],
                                  p0, slot, table, P, indexer=False)
                 n_ent = (p0 + L) // self.ratio
                 ent = torch.arange(n_ent, device=x.device)
-                comp_all = pools.comp[layer][table[ent // P], ent % P].to(kv.dtype)      # [N, Dh]
+                comp_all = pools.read_entries(layer, table[ent // P], ent % P).to(kv.dtype)  # [N, Dh]
                 visible = ent[None, :] < ((pos + 1) // self.ratio)[:, None]             # [L, N]
                 if self.kind == "csa":
                     if b not in done:
-                        self._extend(self.indexer.compressor, pools.ikey[layer], pools.istate[layer],
+                        self._extend(self.indexer.compressor, pools, layer, pools.istate[layer],
                                      ia[r0:r1], ig[r0:r1], p0, slot, table, P, indexer=True)
-                    ikeys = pools.ikey[layer][table[ent // P], ent % P]
+                    ikeys = pools.read_ikeys(layer, table[ent // P], ent % P)
                     sel = self.indexer.select(qi[r0:r1], wi[r0:r1], ikeys, pos)         # [L, k]
                     chosen = torch.zeros(L, n_ent + 1, dtype=torch.bool, device=x.device)
                     chosen.scatter_(1, torch.where(sel >= 0, sel, n_ent), True)
@@ -226,10 +225,10 @@ class Attention(nn.Module):
                 ent = torch.arange(N, device=dev)
                 table = fb.page_tables[self.ratio][torch.tensor(seqs, device=dev)]
                 pages = table[:, ent // P].clamp(min=0)                            # [B, N]
-                comp = pools.comp[layer][pages, ent % P].to(kv.dtype)              # [B, N, Dh]
+                comp = pools.read_entries(layer, pages, ent % P).to(kv.dtype)      # [B, N, Dh]
                 seen = ent[None, :] < n_ent[:, None]
                 if idx_q is not None:
-                    ikeys = pools.ikey[layer][pages, ent % P]                      # [B, N, Di]
+                    ikeys = pools.read_ikeys(layer, pages, ent % P)                # [B, N, Di]
                     sel = self.indexer.select_rows(idx_q[0][rows], idx_q[1][rows], ikeys, pos)
                     chosen = torch.zeros(len(seqs), N + 1, dtype=torch.bool, device=dev)
                     chosen.scatter_(1, torch.where(sel >= 0, sel, N), True)
@@ -246,6 +245,9 @@ class Attention(nn.Module):
         from batchv4.kernels.indexer import indexer_topk
         from batchv4.kernels.sparse_attn import sparse_attn_prefill
 
+        if pools.layout.kv_format != "native":
+            raise ValueError("the Triton attention kernels read the native cache layout; "
+                             "kv_format='fp8' runs on the torch path (kernels off)")
         dev = x.device
         ring = pools.window[layer]
         P = pools.layout.page_size
@@ -259,10 +261,10 @@ class Attention(nn.Module):
                 r0, r1 = fb.cu_seqlens[b], fb.cu_seqlens[b + 1]
                 if r1 == r0:
                     continue
-                self._extend(self.compressor, pools.comp[layer], pools.state[layer], a[r0:r1], g[r0:r1],
+                self._extend(self.compressor, pools, layer, pools.state[layer], a[r0:r1], g[r0:r1],
                              fb.start_pos[b], fb.slots[b], full[b], P, indexer=False)
                 if idx_in is not None:
-                    self._extend(self.indexer.compressor, pools.ikey[layer], pools.istate[layer],
+                    self._extend(self.indexer.compressor, pools, layer, pools.istate[layer],
                                  idx_in[2][r0:r1], idx_in[3][r0:r1], fb.start_pos[b], fb.slots[b], full[b], P,
                                  indexer=True)
             table = full.clamp(min=0).to(torch.int32)
@@ -283,8 +285,8 @@ class Attention(nn.Module):
                 ring[fb.slots[b], fb.positions[r1 - keep:r1] % W] = kv[r1 - keep:r1].to(ring.dtype)
         return self._out(o.to(q.dtype), cos, sin)
 
-    def _extend_decode(self, comp: Compressor, pool: torch.Tensor, state: torch.Tensor, a, g, fb: ForwardBatch,
-                       rows: list[int], seqs: list[int], P: int, indexer: bool) -> None:
+    def _extend_decode(self, comp: Compressor, pools: CachePools, layer: int, state: torch.Tensor, a, g,
+                       fb: ForwardBatch, rows: list[int], seqs: list[int], P: int, indexer: bool) -> None:
         """The compressor step of every single-token sequence of the batch at once."""
         idx = torch.tensor(rows, device=a.device)
         slots = torch.tensor([fb.slots[b] for b in seqs], device=a.device)
@@ -298,10 +300,12 @@ class Attention(nn.Module):
             pages = table.gather(1, (ent // P)[:, None]).flatten()
             if bool((pages < 0).any()):
                 raise ValueError("page table too short for a compressed entry")
-            pool[pages, ent % P] = comp.finish_at(raw[which], ent, self.cos_sin, pool.dtype, self.sim, indexer)
+            write = pools.write_ikeys if indexer else pools.write_entries
+            write(layer, pages, ent % P, comp.finish_at(raw[which], ent, self.cos_sin, pools.layout.dtype, self.sim,
+                                                         indexer))
 
-    def _extend(self, comp: Compressor, pool: torch.Tensor, state: torch.Tensor, a, g, p0: int, slot: int,
-                table: torch.Tensor, P: int, indexer: bool) -> None:
+    def _extend(self, comp: Compressor, pools: CachePools, layer: int, state: torch.Tensor, a, g, p0: int,
+                slot: int, table: torch.Tensor, P: int, indexer: bool) -> None:
         raw, new_state = comp.pool_streaming(a, g, p0, state[slot])
         state[slot] = new_state
         if raw.shape[0]:
@@ -310,4 +314,5 @@ class Attention(nn.Module):
             pages = table[ent // P]
             if bool((pages < 0).any()):
                 raise ValueError(f"page table too short for compressed entry {int(ent[-1])}")
-            pool[pages, ent % P] = comp.finish(raw, first, self.cos_sin, pool.dtype, self.sim, indexer)
+            write = pools.write_ikeys if indexer else pools.write_entries
+            write(layer, pages, ent % P, comp.finish(raw, first, self.cos_sin, pools.layout.dtype, self.sim, indexer))

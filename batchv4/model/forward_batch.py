@@ -23,16 +23,27 @@ from dataclasses import dataclass, field
 import torch
 
 from batchv4.config import ModelConfig
+from batchv4.model import quant
 
 _ELT = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 @dataclass(frozen=True)
 class CacheLayout:
+    """`kv_format`: "native" keeps compressed entries and indexer keys in `dtype`; "fp8" is the
+    production layout, entries packed as FP8 + RoPE dims in `dtype` + ue8m0 scales (584 B for V4
+    in bf16) and indexer keys as FP4 (68 B). Unpacking gives exactly what the activation
+    simulation (`Transformer.set_activation_sim`) computes, so "fp8" is used with it on."""
+
     cfg: ModelConfig
     dtype: torch.dtype = torch.bfloat16
     page_size: int = 64          # compressed entries per page
     with_mtp: bool = False       # the MTP block's window ring, when MTP drafting is used
+    kv_format: str = "native"    # "native" | "fp8"
+
+    def __post_init__(self) -> None:
+        if self.kv_format not in ("native", "fp8"):
+            raise ValueError(f"kv_format must be 'native' or 'fp8', got {self.kv_format!r}")
 
     @property
     def ratios(self) -> tuple[int, ...]:
@@ -46,14 +57,26 @@ class CacheLayout:
         return -(-(num_tokens // ratio) // self.page_size)
 
     # ---- bytes ------------------------------------------------------------------------------------
-    def bytes_per_page(self, ratio: int) -> int:
+    def entry_bytes(self) -> int:
+        """Bytes of one compressed entry in a page."""
         c = self.cfg
-        e = _ELT[self.dtype]
-        per_entry = c.head_dim * e + (c.index_head_dim * e if ratio == c.csa_ratio else 0)
+        if self.kv_format == "fp8":
+            return quant.kv_entry_nbytes(c.head_dim, c.rope_head_dim, self.dtype)
+        return c.head_dim * _ELT[self.dtype]
+
+    def ikey_bytes(self) -> int:
+        """Bytes of one indexer key in a page."""
+        c = self.cfg
+        if self.kv_format == "fp8":
+            return quant.fp4_row_nbytes(c.index_head_dim)
+        return c.index_head_dim * _ELT[self.dtype]
+
+    def bytes_per_page(self, ratio: int) -> int:
+        per_entry = self.entry_bytes() + (self.ikey_bytes() if ratio == self.cfg.csa_ratio else 0)
         return self.page_size * per_entry * len(self.layers_of_ratio(ratio))
 
     def bytes_per_token(self) -> float:
-        """Paged bytes per cached token in this (bf16/fp32) layout."""
+        """Paged bytes per cached token in this layout."""
         return sum(self.bytes_per_page(r) / (self.page_size * r) for r in self.ratios)
 
     def bytes_per_slot(self) -> int:
@@ -99,13 +122,44 @@ class CachePools:
             if kind == "window":
                 continue
             r = c.compress_ratios[i]
-            comp[i] = torch.zeros(num_pages.get(r, 0), P, c.head_dim, dtype=dt, device=device)
+            packed = layout.kv_format == "fp8"
+            comp[i] = torch.zeros(num_pages.get(r, 0), P, layout.entry_bytes() if packed else c.head_dim,
+                                  dtype=torch.uint8 if packed else dt, device=device)
             nc = 2 if kind == "csa" else 1
             state[i] = empty_accumulator(num_slots, nc, c.head_dim, device)
             if kind == "csa":
-                ikey[i] = torch.zeros(num_pages.get(r, 0), P, c.index_head_dim, dtype=dt, device=device)
+                ikey[i] = torch.zeros(num_pages.get(r, 0), P, layout.ikey_bytes() if packed else c.index_head_dim,
+                                      dtype=torch.uint8 if packed else dt, device=device)
                 istate[i] = empty_accumulator(num_slots, 2, c.index_head_dim, device)
         return cls(layout, num_slots, dict(num_pages), window, comp, ikey, state, istate)
+
+    # ---- compressed entries and indexer keys, in either format -------------------------------------
+    def read_entries(self, layer: int, pages: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Entries at (pages, offs) of `layer` -> [..., head_dim] in the layout's dtype."""
+        t = self.comp[layer][pages, offs]
+        if self.layout.kv_format == "fp8":
+            c = self.layout.cfg
+            return quant.unpack_kv_entries(t, c.head_dim, c.rope_head_dim, self.layout.dtype)
+        return t
+
+    def write_entries(self, layer: int, pages: torch.Tensor, offs: torch.Tensor, values: torch.Tensor) -> None:
+        values = values.to(self.layout.dtype)
+        if self.layout.kv_format == "fp8":
+            values = quant.pack_kv_entries(values, self.layout.cfg.rope_head_dim)
+        self.comp[layer][pages, offs] = values
+
+    def read_ikeys(self, layer: int, pages: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Indexer keys at (pages, offs) of CSA `layer` -> [..., index_head_dim] in the layout's dtype."""
+        t = self.ikey[layer][pages, offs]
+        if self.layout.kv_format == "fp8":
+            return quant.unpack_fp4_rows(t, self.layout.cfg.index_head_dim).to(self.layout.dtype)
+        return t
+
+    def write_ikeys(self, layer: int, pages: torch.Tensor, offs: torch.Tensor, values: torch.Tensor) -> None:
+        values = values.to(self.layout.dtype)
+        if self.layout.kv_format == "fp8":
+            values = quant.pack_fp4_rows(values)
+        self.ikey[layer][pages, offs] = values
 
     def reset_slot(self, slot: int) -> None:
         """A fresh sequence: empty pending state (the window is never read before it is written)."""

@@ -142,8 +142,8 @@ class Transformer(nn.Module):
                 m.use_kernels = on
 
     def cache_layout(self, dtype: torch.dtype | None = None, page_size: int = 64,
-                     with_mtp: bool = False) -> CacheLayout:
-        return CacheLayout(self.cfg, dtype or self.embed.weight.dtype, page_size, with_mtp)
+                     with_mtp: bool = False, kv_format: str = "native") -> CacheLayout:
+        return CacheLayout(self.cfg, dtype or self.embed.weight.dtype, page_size, with_mtp, kv_format)
 
     @torch.no_grad()
     def init_random(self, seed: int = 0, std: float = 0.02) -> "Transformer":

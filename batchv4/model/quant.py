@@ -222,3 +222,55 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack((a + b, a - b), dim=2)
         h *= 2
     return (y.reshape(x.shape) * n ** -0.5).to(x.dtype)
+
+
+# ---- the production cache layout: packed FP8 entries, packed FP4 indexer keys --------------------
+
+def kv_entry_nbytes(dim: int, rope_dims: int, rope_dtype: torch.dtype, block: int = 64) -> int:
+    """Bytes of one packed compressed entry: RoPE dims in `rope_dtype`, the other dims as e4m3,
+    one ue8m0 scale per `block` of them, padded to 8 bytes (584 for V4 in bf16)."""
+    nope = dim - rope_dims
+    raw = rope_dims * torch.empty(0, dtype=rope_dtype).element_size() + nope + -(-nope // block)
+    return -(-raw // 8) * 8
+
+
+def pack_kv_entries(x: torch.Tensor, rope_dims: int, block: int = 64) -> torch.Tensor:
+    """x [..., D] (RoPE dims last) -> uint8 [..., kv_entry_nbytes]: [RoPE dims as x.dtype bytes |
+    e4m3 codes | ue8m0 scales | pad]. Unpacking gives `fp8_qdq` of the non-RoPE dims exactly and the
+    RoPE dims unchanged."""
+    nope = x.shape[-1] - rope_dims
+    rope = x[..., nope:].contiguous().view(torch.uint8)
+    q, s = act_quant_fp8_rows(x[..., :nope], block)
+    parts = [rope, q.view(torch.uint8), float_to_e8m0(s).view(torch.uint8)]
+    pad = kv_entry_nbytes(x.shape[-1], rope_dims, x.dtype, block) - sum(p.shape[-1] for p in parts)
+    parts.append(torch.zeros(*x.shape[:-1], pad, dtype=torch.uint8, device=x.device))
+    return torch.cat(parts, dim=-1)
+
+
+def unpack_kv_entries(b: torch.Tensor, dim: int, rope_dims: int, dtype: torch.dtype,
+                      block: int = 64) -> torch.Tensor:
+    """uint8 [..., kv_entry_nbytes] from `pack_kv_entries` -> [..., dim] in `dtype`."""
+    nope = dim - rope_dims
+    r = rope_dims * torch.empty(0, dtype=dtype).element_size()
+    rope = b[..., :r].contiguous().view(dtype)
+    codes = b[..., r:r + nope].contiguous().view(torch.float8_e4m3fn).float()
+    s = e8m0_to_float(b[..., r + nope:r + nope + -(-nope // block)])
+    vals = codes * s.repeat_interleave(block, dim=-1)[..., :nope]
+    return torch.cat([vals.to(dtype), rope], dim=-1)
+
+
+def fp4_row_nbytes(dim: int, block: int = 32) -> int:
+    """Bytes of one packed FP4 row: two values per byte + one ue8m0 scale per `block` (68 for 128)."""
+    return dim // 2 + -(-dim // block)
+
+
+def pack_fp4_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x [..., K] -> uint8 [..., K/2 + K/block]: packed E2M1 codes then ue8m0 scales. Unpacking
+    gives `fp4_qdq(x)` exactly."""
+    packed, s = quant_fp4(x, block)
+    return torch.cat([packed.view(torch.uint8), s.view(torch.uint8)], dim=-1)
+
+
+def unpack_fp4_rows(b: torch.Tensor, dim: int, block: int = 32) -> torch.Tensor:
+    """uint8 [..., fp4_row_nbytes] from `pack_fp4_rows` -> float32 [..., dim]."""
+    return dequant_fp4(b[..., :dim // 2], b[..., dim // 2:], block)

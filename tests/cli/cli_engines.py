@@ -54,7 +54,7 @@ def folded_llm(cfg) -> FoldedLLM:
 
     return FoldedLLM(LLM("test", dtype="float32", device=cfg.device, kv_cache_memory="64MiB", page_size=4,
                          max_num_batched_tokens=cfg.max_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-                         seed=cfg.seed, max_model_len=cfg.max_model_len))
+                         seed=cfg.seed, max_model_len=cfg.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype))
 
 
 def install() -> None:

@@ -148,3 +148,19 @@ def test_help_lists_every_option_with_its_default(command):
         assert p.help, f"{command} {opts} has no help text"
         if p.default is not None and (not p.is_flag or p.secondary_opts) and not p.required:
             assert "[default:" in help_text, p.name
+
+
+def test_fp8_kv_cache_runs_and_is_its_own_configuration(tmp_path, capsys, fast_engine):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i}", "prompt": SHARED + f"Question {i}?"} for i in range(3)])
+    out = str(tmp_path / "out")
+    code, _, err = run_main(["run", src, "-o", out, "--kv-cache-dtype", "fp8", "--max-tokens", "3", "--quiet"], capsys)
+    assert code == 0, err
+    assert fast_engine[-1].kv_cache_dtype == "fp8"
+    rows = read_outputs(out)
+    assert sorted(r["id"] for r in rows) == ["q0", "q1", "q2"]
+    assert sum(r["prompt_cache_hit_tokens"] for r in rows) > 0        # the shared context was reused
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["config"]["kv_cache_dtype"] == "fp8"
+    # the same folder with the native cache is another configuration (other numbers)
+    code, _, err = run_main(["run", src, "-o", out, "--max-tokens", "3", "--quiet"], capsys)
+    assert code != 0 and "different configuration" in err

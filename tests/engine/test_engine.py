@@ -135,3 +135,24 @@ def test_stack_rows_reuses_a_whole_logits_tensor_and_copies_otherwise():
     assert torch.equal(_stack_rows([x[0], x[1]]), x[:2])
     y = torch.randn(2, 5)
     assert torch.equal(_stack_rows([x[0], y[1], x[2]]), torch.stack([x[0], y[1], x[2]]))
+
+
+def test_fp8_kv_cache_equals_native_pools_under_the_same_simulation():
+    """`kv_cache_dtype="fp8"` (packed FP8 entries, FP4 indexer keys, the activation simulation on)
+    gives the same greedy tokens as native pools with the simulation switched on by hand, through
+    prefix hits and batched decode, and holds fewer bytes per page."""
+    kw = dict(dtype="float32", kv_cache_memory="64MiB", max_num_batched_tokens=64, page_size=4, seed=3)
+    fp8 = LLM("test", kv_cache_dtype="fp8", **kw)
+    native = LLM("test", **kw)
+    native.model.set_activation_sim(True)
+    prompts = prompts_with_shared_prefixes()
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    a = fp8.generate([{"prompt_token_ids": p} for p in prompts], sp)
+    b = native.generate([{"prompt_token_ids": p} for p in prompts], sp)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert [o.num_cached_tokens for o in a] == [o.num_cached_tokens for o in b]
+    assert fp8.stats()["page_bytes_per_token"] < 0.6 * native.stats()["page_bytes_per_token"]
+    with pytest.raises(ValueError, match="use_kernels=False"):
+        LLM("test", kv_cache_dtype="fp8", use_kernels=True, **kw)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM("test", kv_cache_dtype="int4", **kw)

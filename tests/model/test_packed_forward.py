@@ -117,3 +117,35 @@ def test_batched_decode_of_many_sequences(model, batched):
         for m in model.modules():
             if hasattr(m, "batched_decode"):
                 m.batched_decode = True
+
+
+def test_fp8_cache_layout_equals_the_native_one_under_simulation(model):
+    """With the activation simulation on, pools in the packed FP8/FP4 layout give the same logits
+    as native pools (the packed formats hold the simulated values exactly), through chunked
+    prefill, several sequences and decode; and their pages take fewer bytes."""
+    from batchv4.model.forward_batch import CachePools
+
+    g = torch.Generator().manual_seed(21)
+    seqs = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (41, 23, 30)]
+    model.set_activation_sim(True)
+    try:
+        outs = []
+        for fmt in ("native", "fp8"):
+            h = Harness(model)
+            h.layout = model.cache_layout(page_size=4, kv_format=fmt)
+            h.pools = CachePools.allocate(h.layout, 8, {r: 64 for r in h.layout.ratios})
+            got = [h.step([(0, seqs[0][:17]), (1, seqs[1][:9])]), h.step([(0, seqs[0][17:33]), (2, seqs[2][:20])])]
+            for k in range(8):
+                got.append(h.step([(0, [seqs[0][33 + k]]), (1, [seqs[1][9 + k]]), (2, [seqs[2][20 + k]])]))
+            outs.append(torch.cat(got))
+            if fmt == "fp8":
+                assert all(t.dtype == torch.uint8 for t in h.pools.comp.values())
+                native = model.cache_layout(page_size=4)
+                assert h.layout.bytes_per_token() < 0.6 * native.bytes_per_token()
+        assert (outs[0] - outs[1]).abs().max() < 1e-5
+        # against the one-sequence reference with the same simulation: a float difference of 1e-7
+        # can move a value across an FP8/FP4 rounding boundary, hence the looser bound
+        ref = model.forward_reference(torch.tensor(seqs[2][:28]))[-1]
+        assert (outs[1][-1] - ref).abs().max() < 1e-3
+    finally:
+        model.set_activation_sim(False)

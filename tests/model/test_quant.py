@@ -140,3 +140,46 @@ def test_hadamard():
     assert torch.allclose(h @ h.T, e, atol=1e-6)
     with pytest.raises(ValueError, match="power-of-two"):
         quant.hadamard(torch.ones(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_kv_entries_hold_the_simulated_values_exactly(dtype):
+    """A packed entry unpacks to fp8_qdq of its non-RoPE dims and its RoPE dims unchanged, over
+    scales from 1e-6 to 1e3 (the 1e-4 amax floor included); packing simulated values again changes
+    nothing. 584 bytes per entry at V4's dims in bf16, as model-info counts."""
+    from batchv4.config import ModelConfig
+    from batchv4.model.info import indexer_key_bytes, kv_entry_bytes
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(6, 3, 512, generator=g) * torch.logspace(-6, 3, 6)[:, None, None]).to(dtype)
+    b = quant.pack_kv_entries(x, 64)
+    assert b.dtype == torch.uint8 and b.shape[-1] == quant.kv_entry_nbytes(512, 64, dtype)
+    want = torch.cat([quant.fp8_qdq(x[..., :448].float()).to(dtype), x[..., 448:]], dim=-1)
+    assert torch.equal(quant.unpack_kv_entries(b, 512, 64, dtype), want)
+    assert torch.equal(quant.unpack_kv_entries(quant.pack_kv_entries(want, 64), 512, 64, dtype), want)
+    flash = ModelConfig.load("deepseek-v4-flash")
+    assert quant.kv_entry_nbytes(flash.head_dim, flash.rope_head_dim, torch.bfloat16) == kv_entry_bytes(flash) == 584
+    assert quant.fp4_row_nbytes(flash.index_head_dim) == indexer_key_bytes(flash) == 68
+
+
+def test_packed_fp4_rows_hold_the_simulated_values_exactly():
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(7, 128, generator=g) * torch.logspace(-30, 2, 7)[:, None]
+    b = quant.pack_fp4_rows(k)
+    assert b.dtype == torch.uint8 and b.shape == (7, 68)
+    assert torch.equal(quant.unpack_fp4_rows(b, 128), quant.fp4_qdq(k))
+    assert torch.equal(quant.unpack_fp4_rows(quant.pack_fp4_rows(quant.fp4_qdq(k)), 128), quant.fp4_qdq(k))
+
+
+def test_fp8_layout_pages_hold_the_production_bytes_per_token():
+    """The packed layout's paged bytes per token at V4-Flash and V4-Pro geometry equal the
+    production figure model-info reports (entries + indexer keys, per token)."""
+    from batchv4.config import ModelConfig
+    from batchv4.model.forward_batch import CacheLayout
+    from batchv4.model.info import kv_sizes
+
+    for name in ("deepseek-v4-flash", "deepseek-v4-pro"):
+        cfg = ModelConfig.load(name)
+        packed = CacheLayout(cfg, torch.bfloat16, 8, kv_format="fp8")
+        assert packed.bytes_per_token() == pytest.approx(kv_sizes(cfg, 1 << 20).bytes_per_token)
+        assert packed.bytes_per_token() < 0.6 * CacheLayout(cfg, torch.bfloat16, 8).bytes_per_token()
