@@ -116,20 +116,29 @@ def _child_peak(path: str) -> None:
                       "tokens": res["tokens"]["prompt_tokens"]}))
 
 
-def bench_memory(sizes: list[int], tmp: str) -> list[tuple]:
+def _peak_rows(sizes: list[int], tmp: str, name: str, seed: int, child: list[str]) -> list[tuple]:
+    """One table row per N: a JSONL of N rows, then `python THIS_FILE *child PATH [OUT]` in a fresh
+    process, which prints {peak_mib, seconds, rows, tokens} as its last line."""
     out = []
     for n in sizes:
-        path = os.path.join(tmp, f"rows-{n}.jsonl")
-        write_jsonl(path, make_rows(n, seed=1, doc_words=16, q_words=6))
+        path = os.path.join(tmp, f"{name}-{n}.jsonl")
+        write_jsonl(path, make_rows(n, seed=seed, doc_words=16, q_words=6))
         size = os.path.getsize(path)
-        p = subprocess.run([sys.executable, __file__, "_peak", path], capture_output=True, text=True)
+        args = [path] if child[0] == "_peak" else [path, os.path.join(tmp, f"out-{name}-{n}")]
+        p = subprocess.run([sys.executable, __file__, *child, *args], capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(p.stderr[-2000:])
         r = json.loads(p.stdout.strip().splitlines()[-1])
+        if r["rows"] != n:
+            raise SystemExit(f"{name}: {r['rows']} rows counted for {n} input rows")
         out.append((f"{n:,}", f"{size / 2**20:,.0f}", f"{r['tokens']:,}", f"{r['seconds']:.1f}",
                     f"{r['peak_mib']:,.0f}"))
         os.unlink(path)
     return out
+
+
+def bench_memory(sizes: list[int], tmp: str) -> list[tuple]:
+    return _peak_rows(sizes, tmp, "rows", 1, ["_peak"])
 
 
 # ---- (c) run: time outside the engine -----------------------------------------------------------
@@ -198,22 +207,7 @@ def _child_run_peak(path: str, out: str) -> None:
 
 
 def bench_run_memory(sizes: list[int], tmp: str) -> list[tuple]:
-    out = []
-    for n in sizes:
-        path = os.path.join(tmp, f"run-{n}.jsonl")
-        write_jsonl(path, make_rows(n, seed=4, doc_words=16, q_words=6))
-        size = os.path.getsize(path)
-        p = subprocess.run([sys.executable, __file__, "_runpeak", path, os.path.join(tmp, f"out-run-{n}")],
-                           capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(p.stderr[-2000:])
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        if r["rows"] != n:
-            raise SystemExit(f"run wrote {r['rows']} output rows for {n} input rows")
-        out.append((f"{n:,}", f"{size / 2**20:,.0f}", f"{r['tokens']:,}", f"{r['seconds']:.1f}",
-                    f"{r['peak_mib']:,.0f}"))
-        os.unlink(path)
-    return out
+    return _peak_rows(sizes, tmp, "run", 4, ["_runpeak"])
 
 
 def table(header: tuple, rows: list[tuple]) -> str:
