@@ -132,7 +132,6 @@ class Attention(nn.Module):
         if self.kind == "csa":
             qi, wi = self.indexer.queries(x, qa, cos, sin, self.sim)
             ia, ig = self.indexer.compressor.project(x, fb.positions)
-        ring = pools.window[layer]
         W, P = self.window, pools.layout.page_size
         if self.use_kernels:
             return self._packed_kernels(x, fb, pools, layer, q, kv, cos, sin,
@@ -162,7 +161,7 @@ class Attention(nn.Module):
             # window keys: earlier positions from the ring, this chunk's from kv
             n_old = min(W - 1, p0)
             old_pos = torch.arange(p0 - n_old, p0, device=x.device)
-            keys_w = torch.cat([ring[slot, old_pos % W].to(kv.dtype), kv[r0:r1]])       # [n_old+L, Dh]
+            keys_w = torch.cat([pools.read_window(layer, slot, old_pos % W).to(kv.dtype), kv[r0:r1]])  # [n_old+L, Dh]
             comp_all = comp_bias = None
             if self.ratio:
                 table = fb.page_tables[self.ratio][b]
@@ -198,7 +197,7 @@ class Attention(nn.Module):
                 out[r0 + s:r0 + e] = self._sdpa_shared(q[r0 + s:r0 + e], keys, bias)
             # the ring keeps the last W positions
             keep = min(W, L)
-            ring[slot, pos[L - keep:] % W] = kv[r1 - keep:r1].to(ring.dtype)
+            pools.write_window(layer, slot, pos[L - keep:] % W, kv[r1 - keep:r1])
         return self._out(out, cos, sin)
 
     def _decode_rows(self, q, kv, fb: ForwardBatch, pools: CachePools, layer: int, seqs: list[int],
@@ -209,13 +208,12 @@ class Attention(nn.Module):
         and the new kv into the rings."""
         dev = q.device
         W, P = self.window, pools.layout.page_size
-        ring = pools.window[layer]
         rows = torch.tensor([fb.cu_seqlens[b] for b in seqs], device=dev)
         slots = torch.tensor([fb.slots[b] for b in seqs], device=dev)
         pos = fb.positions[rows]                                                   # [B]
         # the ring slot of position p is p % W: after this write it holds positions (p-W, p]
-        ring[slots, pos % W] = kv[rows].to(ring.dtype)
-        keys = ring[slots].to(kv.dtype)                                            # [B, W, Dh]
+        pools.write_window(layer, slots, pos % W, kv[rows])
+        keys = pools.read_window(layer, slots).to(kv.dtype)                         # [B, W, Dh]
         j = torch.arange(W, device=dev)
         visible = (j[None, :] <= pos[:, None]) | (pos[:, None] >= W - 1)           # [B, W]
         if self.ratio:

@@ -30,9 +30,9 @@ _ELT = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """`kv_format`: "native" keeps compressed entries and indexer keys in `dtype`; "fp8" is the
-    production layout, entries packed as FP8 + RoPE dims in `dtype` + ue8m0 scales (584 B for V4
-    in bf16) and indexer keys as FP4 (68 B). Unpacking gives exactly what the activation
+    """`kv_format`: "native" keeps window rings, compressed entries and indexer keys in `dtype`;
+    "fp8" is the production layout: ring rows and entries packed as FP8 + RoPE dims in `dtype` +
+    ue8m0 scales (584 B for V4 in bf16), indexer keys as FP4 (68 B). Unpacking gives exactly what the activation
     simulation (`Transformer.set_activation_sim`) computes, so "fp8" is used with it on."""
 
     cfg: ModelConfig
@@ -81,9 +81,8 @@ class CacheLayout:
 
     def bytes_per_slot(self) -> int:
         c = self.cfg
-        e = _ELT[self.dtype]
         n_win = c.n_layers + (1 if self.with_mtp else 0)
-        total = n_win * c.window_size * c.head_dim * e
+        total = n_win * c.window_size * self.entry_bytes()
         for i in range(c.n_layers):
             kind = c.layer_kind(i)
             if kind == "csa":
@@ -102,9 +101,10 @@ class CachePools:
     layout: CacheLayout
     num_slots: int
     num_pages: dict[int, int]
-    window: list[torch.Tensor]                  # [num_slots, W, Dh] per layer (+ MTP at index n_layers)
-    comp: dict[int, torch.Tensor]               # layer -> [num_pages[ratio], P, Dh]
-    ikey: dict[int, torch.Tensor]               # CSA layer -> [num_pages[4], P, Di]
+    window: list[torch.Tensor]                  # [num_slots, W, Dh] per layer (+ MTP at index n_layers);
+                                                # fp8: [num_slots, W, entry bytes] uint8
+    comp: dict[int, torch.Tensor]               # layer -> [num_pages[ratio], P, Dh] (fp8: P, entry bytes)
+    ikey: dict[int, torch.Tensor]               # CSA layer -> [num_pages[4], P, Di] (fp8: P, ikey bytes)
     state: dict[int, torch.Tensor]              # layer -> [num_slots, c, 3, Dh] fp32 (c = 2 CSA, 1 HCA)
     istate: dict[int, torch.Tensor]             # CSA layer -> [num_slots, 2, 3, Di] fp32
 
@@ -115,7 +115,11 @@ class CachePools:
         P, W = layout.page_size, c.window_size
         dt = layout.dtype
         n_win = c.n_layers + (1 if layout.with_mtp else 0)
-        window = [torch.zeros(num_slots, W, c.head_dim, dtype=dt, device=device) for _ in range(n_win)]
+        if layout.kv_format == "fp8":
+            window = [torch.zeros(num_slots, W, layout.entry_bytes(), dtype=torch.uint8, device=device)
+                      for _ in range(n_win)]
+        else:
+            window = [torch.zeros(num_slots, W, c.head_dim, dtype=dt, device=device) for _ in range(n_win)]
         comp, ikey, state, istate = {}, {}, {}, {}
         for i in range(c.n_layers):
             kind = c.layer_kind(i)
@@ -147,6 +151,21 @@ class CachePools:
         if self.layout.kv_format == "fp8":
             values = quant.pack_kv_entries(values, self.layout.cfg.rope_head_dim)
         self.comp[layer][pages, offs] = values
+
+    def read_window(self, layer: int, slots, rows=None) -> torch.Tensor:
+        """Window ring rows of `layer` (all W when `rows` is None) -> [..., head_dim] in the layout's
+        dtype. The fp8 format packs them like compressed entries."""
+        t = self.window[layer][slots] if rows is None else self.window[layer][slots, rows]
+        if self.layout.kv_format == "fp8":
+            c = self.layout.cfg
+            return quant.unpack_kv_entries(t, c.head_dim, c.rope_head_dim, self.layout.dtype)
+        return t
+
+    def write_window(self, layer: int, slots, rows, values: torch.Tensor) -> None:
+        values = values.to(self.layout.dtype)
+        if self.layout.kv_format == "fp8":
+            values = quant.pack_kv_entries(values, self.layout.cfg.rope_head_dim)
+        self.window[layer][slots, rows] = values
 
     def read_ikeys(self, layer: int, pages: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Indexer keys at (pages, offs) of CSA `layer` -> [..., index_head_dim] in the layout's dtype."""

@@ -120,8 +120,8 @@ def test_batched_decode_of_many_sequences(model, batched):
 
 
 def test_fp8_cache_layout_equals_the_native_one_under_simulation(model):
-    """With the activation simulation on, pools in the packed FP8/FP4 layout give the same logits
-    as native pools (the packed formats hold the simulated values exactly), through chunked
+    """With the activation simulation on, pools in the packed FP8/FP4 layout (window rings,
+    entries, indexer keys) give the same logits as native pools (the packed formats hold the simulated values exactly), through chunked
     prefill, several sequences and decode; and their pages take fewer bytes."""
     from batchv4.model.forward_batch import CachePools
 
@@ -139,9 +139,10 @@ def test_fp8_cache_layout_equals_the_native_one_under_simulation(model):
                 got.append(h.step([(0, [seqs[0][33 + k]]), (1, [seqs[1][9 + k]]), (2, [seqs[2][20 + k]])]))
             outs.append(torch.cat(got))
             if fmt == "fp8":
-                assert all(t.dtype == torch.uint8 for t in h.pools.comp.values())
+                assert all(t.dtype == torch.uint8 for t in list(h.pools.comp.values()) + h.pools.window)
                 native = model.cache_layout(page_size=4)
                 assert h.layout.bytes_per_token() < 0.6 * native.bytes_per_token()
+                assert h.layout.bytes_per_slot() < native.bytes_per_slot()
         assert (outs[0] - outs[1]).abs().max() < 1e-5
         # against the one-sequence reference with the same simulation: a float difference of 1e-7
         # can move a value across an FP8/FP4 rounding boundary, hence the looser bound
