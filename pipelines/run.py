@@ -288,6 +288,7 @@ def _run(cfg, fp, src, spec, base, card, private, state, writer, llm_factory) ->
     t0 = time.perf_counter()
     writer.write_part(amortize(buf))
     errors.flush()
+    writer.update_meta()          # the manifest exists even when nothing was written (e.g. --limit 0)
     timings["account_write"] += time.perf_counter() - t0
     timings["plan_engine"] = time.perf_counter() - t_engine - timings["account_write"]
     wall = time.perf_counter() - t_start

@@ -164,3 +164,17 @@ def test_fp8_kv_cache_runs_and_is_its_own_configuration(tmp_path, capsys, fast_e
     # the same folder with the native cache is another configuration (other numbers)
     code, _, err = run_main(["run", src, "-o", out, "--max-tokens", "3", "--quiet"], capsys)
     assert code != 0 and "different configuration" in err
+
+
+def test_limit_zero_writes_an_empty_run(tmp_path, capsys, fast_engine):
+    """Nothing to generate: no engine is built, and the folder still holds a manifest and a summary
+    that `report` reads."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hi"}])
+    out = str(tmp_path / "out")
+    code, _, err = run_main(["run", src, "-o", out, "--limit", "0", "--quiet"], capsys)
+    assert code == 0, err
+    assert fast_engine == [] and read_outputs(out) == []
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["counts"]["output_rows"] == 0
+    code, stdout, err = run_main(["report", out], capsys)
+    assert code == 0 and "output rows" in stdout, err
