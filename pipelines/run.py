@@ -227,7 +227,16 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
         _previous(cfg, fp, so, state)
         writer = PartWriter(cfg.output, kept=kept, meta={"fingerprint": fp, "config": cfg.public()},
                             storage_options=so)
-        return _run(cfg, fp, src, spec, base, card, private, state, writer, llm_factory or _default_llm)
+        try:
+            return _run(cfg, fp, src, spec, base, card, private, state, writer, llm_factory or _default_llm)
+        except BaseException:
+            # an error or Ctrl-C: list what was written (a kill loses at most about 1/64 of it)
+            if writer.manifest["parts"] or writer.manifest["error_parts"]:
+                try:
+                    writer.flush()
+                except Exception as e:      # the first error is the one to report
+                    log.warning("could not update the manifest after an error: %s", e)
+            raise
 
 
 def _run(cfg, fp, src, spec, base, card, private, state, writer, llm_factory) -> dict:
@@ -288,7 +297,7 @@ def _run(cfg, fp, src, spec, base, card, private, state, writer, llm_factory) ->
     t0 = time.perf_counter()
     writer.write_part(amortize(buf))
     errors.flush()
-    writer.update_meta()          # the manifest exists even when nothing was written (e.g. --limit 0)
+    writer.flush()                # every part listed; the manifest exists even with none (--limit 0)
     timings["account_write"] += time.perf_counter() - t0
     timings["plan_engine"] = time.perf_counter() - t_engine - timings["account_write"]
     wall = time.perf_counter() - t_start

@@ -8,9 +8,12 @@ half-written files are ignored). Does not own: which rows are done (the pipeline
 parts it reads back), schemas (`batchv4.io.schema`), or the OpenAI output file
 (`batchv4.io.openai_batch`, re-exported here).
 
-The manifest keeps per-part counts and id ranges, not every id: it is rewritten after each part,
-and ten million ids in it would make that quadratic. `finished_ids()` reads the `id` column of the
-listed parts instead.
+The manifest keeps per-part counts and id ranges, not every id (`finished_ids()` reads the `id`
+column of the listed parts instead). It is rewritten after each of the first 64 parts, then after
+every (listed parts / 64)-th part, and by `flush()`: a ten-million-row run writes it a few hundred
+times, not once per part (which is quadratic in the number of parts). Parts written since the last
+rewrite are not listed yet; after a crash they are ignored, their rows are generated again, and
+their file names are reused, so nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "batchv4-output"
+MANIFEST_EVERY = 64   # the manifest is rewritten once per this fraction (1/64) of the listed parts
 _PART_RE = {"parts": re.compile(r"^part-(\d{5,})\.parquet$"), "error_parts": re.compile(r"^errors-(\d{5,})\.parquet$")}
 _PREFIX = {"parts": "part", "error_parts": "errors"}
 
@@ -108,6 +112,7 @@ class PartWriter:
             self._fs.makedirs(self._path, exist_ok=True)
         existing = read_manifest(out_url, storage_options)
         self.manifest = existing if existing is not None else _empty_manifest(meta)
+        self._unlisted = 0                  # parts written since the manifest was last written
         if existing is not None and meta:
             self.manifest["meta"].update(meta)
         self._next = {kind: self._next_number(kind) for kind in _PREFIX}
@@ -151,13 +156,20 @@ class PartWriter:
         entry = {"file": name, "rows": table.num_rows, "ids": len(set(ids)), "bytes": len(data)}
         if ids:
             entry["first_id"], entry["last_id"] = ids[0], ids[-1]
-        # Only now, with the part complete under its final name, does the manifest list it.
+        # Only now, with the part complete under its final name, may the manifest list it.
         self.manifest[kind].append(entry)
         self._next[kind] += 1
-        self._write_manifest()
+        self._unlisted += 1
+        if self._unlisted * MANIFEST_EVERY >= len(self.manifest["parts"]) + len(self.manifest["error_parts"]):
+            self._write_manifest()
         return name
 
+    def flush(self) -> None:
+        """List every part written so far in the manifest (writes it even when there is none)."""
+        self._write_manifest()
+
     def _write_manifest(self) -> None:
+        self._unlisted = 0
         self.manifest["rows"] = self.rows_written
         self.manifest["error_rows"] = self.error_rows_written
         self.manifest["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -186,3 +186,31 @@ def test_openai_output_to_memory():
     write_openai_batch_output(url, [out_row(0)])
     with fsspec.open(url + "/output.jsonl", "rt") as f:
         assert json.loads(f.readline())["custom_id"] == "r0"
+
+
+def test_manifest_is_rewritten_a_few_hundred_times_for_thousands_of_parts(tmp_path, monkeypatch):
+    """After the first 64 parts the manifest is rewritten once per 1/64 of the listed parts (not
+    once per part, which is quadratic); parts written since are unlisted until then, ignored by
+    readers, and overwritten by a resumed writer; `flush` lists them."""
+    url = str(tmp_path / "out")
+    w = PartWriter(url)
+    writes = []
+    orig = w._write_manifest
+    monkeypatch.setattr(w, "_write_manifest", lambda: (writes.append(1), orig())[1])
+    for i in range(65):
+        w.write_part([out_row(i)])
+    assert len(writes) == 64 and len(read_manifest(url)["parts"]) == 64
+    assert len(read_output_parts(url)) == 64                 # part 65 is written but not listed
+    # a crash now: the next writer reuses the unlisted part's name
+    w2 = PartWriter(url)
+    assert w2.write_part([out_row(99)]) == "part-00064.parquet"
+    w2.flush()
+    assert read_output_parts(url).column("id").to_pylist()[-2:] == ["r63", "r99"]
+    w = PartWriter(url)
+    writes.clear()
+    monkeypatch.setattr(w, "_write_manifest", lambda: (writes.append(1), orig.__func__(w))[1])
+    for i in range(2000):
+        w.write_part([out_row(i)])
+    assert len(writes) < 250                               # 64 * ln(2065 / 65) ~ 221
+    w.flush()
+    assert len(read_manifest(url)["parts"]) == 2065 and len(read_output_parts(url)) == 2065
