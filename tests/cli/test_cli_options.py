@@ -178,3 +178,23 @@ def test_limit_zero_writes_an_empty_run(tmp_path, capsys, fast_engine):
         assert json.load(f)["counts"]["output_rows"] == 0
     code, stdout, err = run_main(["report", out], capsys)
     assert code == 0 and "output rows" in stdout, err
+
+
+def test_estimate_predicts_the_cache_hits_the_run_gets(tmp_path, capsys, fast_engine):
+    """The estimate plans with the run's packing, so with a cache that holds a group its predicted
+    engine hits are exactly the prompt_cache_hit_tokens the run reports."""
+    docs = [SHARED, "Background: " + "the river rose after three days of rain in the northern valleys; " * 3]
+    lines = [{"id": f"d{i}q{j}", "prompt": docs[i] + f" Question {j}: what happened {j} days later?"}
+             for i in range(2) for j in range(3)]
+    lines += [{"id": "solo", "prompt": "A question that shares nothing."}, {"id": "dup", "prompt": lines[0]["prompt"]}]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    r = CliRunner().invoke(cli, ["estimate", src, "--json"])
+    assert r.exit_code == 0, r.output
+    est = json.loads(r.output)["tokens"]
+    out = str(tmp_path / "out")
+    code, _, err = run_main(["run", src, "-o", out, "--max-tokens", "2", "--quiet"], capsys)
+    assert code == 0, err
+    rows = read_outputs(out)
+    assert sum(r["prompt_tokens"] for r in rows) == est["prompt_tokens"]
+    assert est["engine_hit_tokens"] > 0
+    assert sum(r["prompt_cache_hit_tokens"] for r in rows) == est["engine_hit_tokens"]
