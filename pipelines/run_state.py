@@ -4,7 +4,8 @@ Owns: the ids seen so far (duplicates), what an earlier invocation already wrote
 id and content hash, error rows by row index), and the record of every row handed to the planner
 (its request, sampling overrides, thinking flag and kept input values), looked up by id when the
 plan reaches that row. One SQLite file in a private temporary folder, which also holds the
-planner's spill files; everything is removed at close. Does not own: reading, planning or writing.
+planner's spill files; everything is removed at close, and the folders of killed runs are swept by
+the next run on the machine. Does not own: reading, planning or writing.
 
 Kept input values are stored as one-row Arrow IPC messages under the kept columns' own schema, so
 timestamps, decimals, binary and nested values come back with their types.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -37,12 +39,50 @@ def _k(row_id: str) -> bytes:
     return row_id.encode("utf-8", "surrogatepass")
 
 
+_PREFIX = "batchv4-run-"
+
+
+def sweep_stale(parent: str | None = None) -> list[str]:
+    """Remove the folders of runs that were killed (SIGKILL, power loss) before they could clean
+    up: `batchv4-run-*` folders in `parent` (default: the system temporary folder) whose `pid`
+    file names a process that no longer exists. Returns the folders removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        if not name.startswith(_PREFIX) or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, "pid")) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue                      # not ours, or still being created
+        try:
+            os.kill(pid, 0)
+            continue                      # alive (or reused by another process: leave it)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                      # alive, another user's
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 class RunState:
-    """Use as a context manager; `dir` is the private folder (also for the planner's spill)."""
+    """Use as a context manager; `dir` is the private folder (also for the planner's spill). On
+    creation it sweeps the folders of killed runs (`sweep_stale`)."""
 
     def __init__(self, kept: Sequence[pa.Field] = (), parent: str | None = None) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="batchv4-run-", dir=parent)
+        sweep_stale(parent)
+        self._tmp = tempfile.TemporaryDirectory(prefix=_PREFIX, dir=parent)
         self.dir = self._tmp.name
+        with open(os.path.join(self.dir, "pid"), "w") as f:
+            f.write(str(os.getpid()))
         self._schema = pa.schema(list(kept))
         self._db = sqlite3.connect(os.path.join(self.dir, "state.sqlite"), isolation_level=None)
         # a scratch database: nothing in it must survive a crash (resume reads the output folder)

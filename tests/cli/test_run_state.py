@@ -149,3 +149,28 @@ def test_parquet_kept_values_keep_their_types(tmp_path, monkeypatch):
     assert [by_id[f"p{i}"]["meta"] for i in range(6)] == [{"n": i, "xs": [i, i + 1]} for i in range(6)]
     assert read_error_rows(str(tmp_path / "out")) == []
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"]["output_rows"] == 6
+
+
+def test_folders_of_killed_runs_are_swept(tmp_path):
+    """A run killed with SIGKILL cannot remove its scratch folder; the next run removes folders
+    whose process is gone, and leaves live ones and foreign folders alone."""
+    import subprocess
+
+    from batchv4.pipelines.run_state import sweep_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "batchv4-run-stale"
+    stale.mkdir()
+    (stale / "pid").write_text(str(dead.pid))
+    (stale / "state.sqlite").write_bytes(b"x" * 100)
+    live = tmp_path / "batchv4-run-live"
+    live.mkdir()
+    (live / "pid").write_text(str(os.getpid()))
+    other = tmp_path / "batchv4-run-nopid"
+    other.mkdir()
+    with RunState(parent=str(tmp_path)) as st:
+        assert not stale.exists() and live.exists() and other.exists()
+        assert (tmp_path / os.path.basename(st.dir) / "pid").read_text() == str(os.getpid())
+        assert sweep_stale(str(tmp_path)) == []          # its own folder is alive
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batchv4-run-live", "batchv4-run-nopid"]
