@@ -18,6 +18,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,7 +46,8 @@ _PREFIX = "batchv4-run-"
 def sweep_stale(parent: str | None = None) -> list[str]:
     """Remove the folders of runs that were killed (SIGKILL, power loss) before they could clean
     up: `batchv4-run-*` folders in `parent` (default: the system temporary folder) whose `pid`
-    file names a process that no longer exists. Returns the folders removed."""
+    file names a process that no longer exists, or that have had no `pid` file for a minute.
+    Returns the folders removed."""
     parent = parent or tempfile.gettempdir()
     removed = []
     try:
@@ -59,15 +61,25 @@ def sweep_stale(parent: str | None = None) -> list[str]:
         try:
             with open(os.path.join(path, "pid")) as f:
                 pid = int(f.read().strip())
+        except FileNotFoundError:
+            # a run writes its pid file as soon as the folder exists: without one after a minute,
+            # the folder is from a version before pid files
+            try:
+                if time.time() - os.path.getmtime(path) < 60:
+                    continue
+            except OSError:
+                continue
+            pid = None
         except (OSError, ValueError):
-            continue                      # not ours, or still being created
-        try:
-            os.kill(pid, 0)
-            continue                      # alive (or reused by another process: leave it)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue                      # alive, another user's
+            continue
+        if pid is not None:
+            try:
+                os.kill(pid, 0)
+                continue                  # alive (or reused by another process: leave it)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue                  # alive, another user's
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed

@@ -167,10 +167,13 @@ def test_folders_of_killed_runs_are_swept(tmp_path):
     live = tmp_path / "batchv4-run-live"
     live.mkdir()
     (live / "pid").write_text(str(os.getpid()))
-    other = tmp_path / "batchv4-run-nopid"
-    other.mkdir()
+    young = tmp_path / "batchv4-run-young"             # just created, pid file not written yet
+    young.mkdir()
+    old = tmp_path / "batchv4-run-old"                 # from a version without pid files
+    old.mkdir()
+    os.utime(old, (os.path.getatime(old) - 3600, os.path.getmtime(old) - 3600))
     with RunState(parent=str(tmp_path)) as st:
-        assert not stale.exists() and live.exists() and other.exists()
+        assert not stale.exists() and not old.exists() and live.exists() and young.exists()
         assert (tmp_path / os.path.basename(st.dir) / "pid").read_text() == str(os.getpid())
         assert sweep_stale(str(tmp_path)) == []          # its own folder is alive
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["batchv4-run-live", "batchv4-run-nopid"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batchv4-run-live", "batchv4-run-young"]
