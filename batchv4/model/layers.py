@@ -114,11 +114,12 @@ def mhc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
     pre = torch.sigmoid(z[:, :n] * scalef[0] + basef[:n]) + cfg.hc_eps
     post = 2 * torch.sigmoid(z[:, n:2 * n] * scalef[1] + basef[n:2 * n])
     comb = (z[:, 2 * n:] * scalef[2] + basef[2 * n:]).view(-1, n, n)
-    comb = torch.softmax(comb, dim=-1) + cfg.hc_eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + cfg.hc_eps)
+    # Sinkhorn on [T, n, n]: in place, as these tiny ops cost their dispatch more than their math
+    comb = torch.softmax(comb, dim=-1).add_(cfg.hc_eps)
+    comb.div_(comb.sum(dim=-2, keepdim=True).add_(cfg.hc_eps))
     for _ in range(cfg.hc_sinkhorn_iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + cfg.hc_eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + cfg.hc_eps)
+        comb.div_(comb.sum(dim=-1, keepdim=True).add_(cfg.hc_eps))
+        comb.div_(comb.sum(dim=-2, keepdim=True).add_(cfg.hc_eps))
     u = (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
     return u, post, comb
 
