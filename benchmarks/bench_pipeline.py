@@ -240,20 +240,19 @@ def main() -> None:
             print("### estimate throughput vs raw tokenizers (best of %d, same chat-encoded texts)\n" % args.repeats)
             print(table(("what", "rows", "tokens", "seconds", "tokens/s", "vs raw"),
                         bench_estimate(args.rows, args.repeats, tmp)) + "\n", flush=True)
-        if "memory" not in skip:
-            sizes = [int(x) for x in args.memory_rows.split(",") if x]
-            print("### estimate peak memory (child process, RUSAGE_CHILDREN)\n")
-            print(table(("rows", "file MiB", "prompt tokens", "seconds", "peak RSS MiB"),
-                        bench_memory(sizes, tmp)) + "\n", flush=True)
+        for part, title, rows, fn in (
+                ("memory", "estimate peak memory (child process, RUSAGE_CHILDREN)", args.memory_rows, bench_memory),
+                ("runmem", "run peak memory (engine stand-in, child process, VmHWM)", args.run_memory_rows,
+                 bench_run_memory)):
+            if part not in skip:
+                sizes = [int(x) for x in rows.split(",") if x]
+                print(f"### {title}\n")
+                print(table(("rows", "file MiB", "prompt tokens", "seconds", "peak RSS MiB"),
+                            fn(sizes, tmp)) + "\n", flush=True)
         if "run" not in skip:
             print(f"### run: wall time outside the engine ({args.run_rows} rows, max {args.run_tokens} tokens)\n")
             print(table(("engine", "rows", "tokens", "wall s", "share of real run", "seconds by stage"),
                         bench_run(args.run_rows, args.run_tokens, tmp)) + "\n", flush=True)
-        if "runmem" not in skip:
-            sizes = [int(x) for x in args.run_memory_rows.split(",") if x]
-            print("### run peak memory (engine stand-in, child process, VmHWM)\n")
-            print(table(("rows", "file MiB", "prompt tokens", "seconds", "peak RSS MiB"),
-                        bench_run_memory(sizes, tmp)) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def output_rows(req, group: int | None, out, card, llm, now: datetime, progress:
 
     recs = []
     n_prompt = len(out.prompt_token_ids)
+    stats = llm.stats()
     for c in out.outputs:
         # the n samples share one prompt: its hits are counted on sample 0 only; later samples
         # read the whole prompt from the cache
@@ -31,7 +32,7 @@ def output_rows(req, group: int | None, out, card, llm, now: datetime, progress:
         usage = {"prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": n_prompt - hit,
                  "completion_tokens": len(c.token_ids), "reasoning_tokens": c.num_reasoning_tokens}
         detail = price_row_detail(usage, card, now)
-        secs = _engine_seconds(llm, n_prompt - hit + len(c.token_ids))
+        secs = _engine_seconds(stats, n_prompt - hit + len(c.token_ids))
         recs.append({"id": req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
                      "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage,
                      "cost_usd": None if detail is None else detail.total_usd,
@@ -45,9 +46,9 @@ def output_rows(req, group: int | None, out, card, llm, now: datetime, progress:
     return recs
 
 
-def _engine_seconds(llm, tokens: int) -> float:
-    """Engine forward time attributed to a row: its computed tokens' share of all computed so far."""
-    st = llm.stats()
+def _engine_seconds(st: dict, tokens: int) -> float:
+    """Engine forward time attributed to a row (from the engine's stats): its computed tokens'
+    share of all computed so far."""
     computed = st["prefill_tokens"] + st["decode_tokens"]
     return st["forward_seconds"] * tokens / computed if computed else 0.0
 

@@ -104,19 +104,25 @@ class RunState:
             self._db.execute(ddl)
         self._db.execute("BEGIN")
         self._pending = 0
+        self._any_done = self._any_done_error = False
 
     # ---- what an earlier invocation wrote ---------------------------------------------------------
     def add_done(self, pairs: Iterable[tuple[str, str]]) -> None:
         self._db.executemany("INSERT OR IGNORE INTO done VALUES (?, ?)", ((_k(i), h) for i, h in pairs))
+        self._any_done = self._db.execute("SELECT 1 FROM done LIMIT 1").fetchone() is not None
 
     def add_done_errors(self, indexes: Iterable[int]) -> None:
         self._db.executemany("INSERT OR IGNORE INTO done_errors VALUES (?)", ((int(i),) for i in indexes))
+        self._any_done_error = self._db.execute("SELECT 1 FROM done_errors LIMIT 1").fetchone() is not None
 
+    # a first invocation has nothing done: its per-row checks need no query
     def is_done(self, row_id: str, content_hash: str) -> bool:
-        return self._db.execute("SELECT 1 FROM done WHERE id = ? AND hash = ?", (_k(row_id), content_hash)).fetchone() is not None
+        return self._any_done and self._db.execute(
+            "SELECT 1 FROM done WHERE id = ? AND hash = ?", (_k(row_id), content_hash)).fetchone() is not None
 
     def is_done_error(self, row_index: int) -> bool:
-        return self._db.execute("SELECT 1 FROM done_errors WHERE row_index = ?", (row_index,)).fetchone() is not None
+        return self._any_done_error and self._db.execute(
+            "SELECT 1 FROM done_errors WHERE row_index = ?", (row_index,)).fetchone() is not None
 
     # ---- this invocation --------------------------------------------------------------------------
     def seen(self, row_id: str) -> bool:

@@ -101,18 +101,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if not is_local(fs):
         fs.pipe_file(path, data)
         return
-    folder, name = os.path.split(path)
-    os.makedirs(folder or ".", exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _rename(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic_chunks(fs, path, (data,))
 
 
 def write_atomic_chunks(fs: fsspec.AbstractFileSystem, path: str, chunks: Iterable[bytes]) -> None:

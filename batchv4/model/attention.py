@@ -16,7 +16,7 @@ from torch import nn
 from batchv4.config import ModelConfig
 from batchv4.model import quant
 from batchv4.model.compressor import Compressor, Indexer
-from batchv4.model.forward_batch import CachePools, ForwardBatch
+from batchv4.model.forward_batch import CachePools, DecodeRows, ForwardBatch
 from batchv4.model.layers import Linear, RMSNorm, apply_rope, rms_unweighted, rope_cos_sin, rope_inv_freq
 
 
@@ -138,19 +138,16 @@ class Attention(nn.Module):
                                         (a, g) if self.ratio else None,
                                         (qi, wi, ia, ig) if self.kind == "csa" else None)
         out = torch.empty_like(q)
-        single = [b for b in range(fb.num_seqs) if fb.cu_seqlens[b + 1] - fb.cu_seqlens[b] == 1]
-        if self.ratio and len(single) > 1:
+        dec = fb.decode_rows()
+        if self.ratio and dec is not None:
             # decode steps: one compressor update for all single-token sequences
-            rows = [fb.cu_seqlens[b] for b in single]
-            self._extend_decode(self.compressor, pools, layer, pools.state[layer], a, g, fb, rows, single,
-                                P, indexer=False)
+            self._extend_decode(self.compressor, pools, layer, pools.state[layer], a, g, fb, dec, P, indexer=False)
             if self.kind == "csa":
-                self._extend_decode(self.indexer.compressor, pools, layer, pools.istate[layer], ia, ig, fb,
-                                    rows, single, P, indexer=True)
-        done = set(single) if len(single) > 1 else set()
+                self._extend_decode(self.indexer.compressor, pools, layer, pools.istate[layer], ia, ig, fb, dec,
+                                    P, indexer=True)
+        done = set(dec.seqs) if dec is not None else set()
         if done and self.batched_decode:
-            self._decode_rows(q, kv, fb, pools, layer, single, out,
-                              (qi, wi) if self.kind == "csa" else None)
+            self._decode_rows(q, kv, fb, pools, layer, dec, out, (qi, wi) if self.kind == "csa" else None)
         for b in range(fb.num_seqs):
             r0, r1 = fb.cu_seqlens[b], fb.cu_seqlens[b + 1]
             L = r1 - r0
@@ -200,17 +197,15 @@ class Attention(nn.Module):
             pools.write_window(layer, slot, pos[L - keep:] % W, kv[r1 - keep:r1])
         return self._out(out, cos, sin)
 
-    def _decode_rows(self, q, kv, fb: ForwardBatch, pools: CachePools, layer: int, seqs: list[int],
+    def _decode_rows(self, q, kv, fb: ForwardBatch, pools: CachePools, layer: int, dec: DecodeRows,
                      out: torch.Tensor, idx_q) -> None:
-        """Attention of the single-token sequences `seqs` at once: each query against its ring of
+        """Attention of the single-token sequences `dec` at once: each query against its ring of
         the last W positions and its compressed entries (padded to the longest; for CSA the
         indexer's top-k of them). Their compressor steps must already be done. Writes `out` rows
         and the new kv into the rings."""
         dev = q.device
         W, P = self.window, pools.layout.page_size
-        rows = torch.tensor([fb.cu_seqlens[b] for b in seqs], device=dev)
-        slots = torch.tensor([fb.slots[b] for b in seqs], device=dev)
-        pos = fb.positions[rows]                                                   # [B]
+        rows, slots, pos = dec.rows, dec.slots, dec.positions                      # [B] each
         # the ring slot of position p is p % W: after this write it holds positions (p-W, p]
         pools.write_window(layer, slots, pos % W, kv[rows])
         keys = pools.read_window(layer, slots).to(kv.dtype)                         # [B, W, Dh]
@@ -221,14 +216,14 @@ class Attention(nn.Module):
             N = int(n_ent.max())
             if N:
                 ent = torch.arange(N, device=dev)
-                table = fb.page_tables[self.ratio][torch.tensor(seqs, device=dev)]
+                table = fb.page_tables[self.ratio][dec.index]
                 pages = table[:, ent // P].clamp(min=0)                            # [B, N]
                 comp = pools.read_entries(layer, pages, ent % P).to(kv.dtype)      # [B, N, Dh]
                 seen = ent[None, :] < n_ent[:, None]
                 if idx_q is not None:
                     ikeys = pools.read_ikeys(layer, pages, ent % P)                # [B, N, Di]
                     sel = self.indexer.select_rows(idx_q[0][rows], idx_q[1][rows], ikeys, pos)
-                    chosen = torch.zeros(len(seqs), N + 1, dtype=torch.bool, device=dev)
+                    chosen = torch.zeros(len(dec.seqs), N + 1, dtype=torch.bool, device=dev)
                     chosen.scatter_(1, torch.where(sel >= 0, sel, N), True)
                     seen = seen & chosen[:, :N]
                 keys = torch.cat([keys, comp], dim=1)
@@ -284,17 +279,15 @@ class Attention(nn.Module):
         return self._out(o.to(q.dtype), cos, sin)
 
     def _extend_decode(self, comp: Compressor, pools: CachePools, layer: int, state: torch.Tensor, a, g,
-                       fb: ForwardBatch, rows: list[int], seqs: list[int], P: int, indexer: bool) -> None:
+                       fb: ForwardBatch, dec: DecodeRows, P: int, indexer: bool) -> None:
         """The compressor step of every single-token sequence of the batch at once."""
-        idx = torch.tensor(rows, device=a.device)
-        slots = torch.tensor([fb.slots[b] for b in seqs], device=a.device)
-        pos = fb.positions[idx]
-        emit, raw, new = comp.decode_step(a[idx], g[idx], pos, state[slots])
+        slots, pos = dec.slots, dec.positions
+        emit, raw, new = comp.decode_step(a[dec.rows], g[dec.rows], pos, state[slots])
         state[slots] = new
         if bool(emit.any()):
             which = emit.nonzero().flatten()
             ent = (pos[which] + 1) // comp.ratio - 1                              # entry index
-            table = fb.page_tables[comp.ratio][torch.tensor(seqs, device=a.device)[which]]
+            table = fb.page_tables[comp.ratio][dec.index[which]]
             pages = table.gather(1, (ent // P)[:, None]).flatten()
             if bool((pages < 0).any()):
                 raise ValueError("page table too short for a compressed entry")

@@ -216,6 +216,18 @@ def empty_accumulator(n: int, c: int, d: int, device) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class DecodeRows:
+    """Single-token sequences of a ForwardBatch: their indexes (list and [B] tensor), token rows,
+    slots and positions ([B] int64 each)."""
+
+    seqs: list[int]
+    index: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor
+    positions: torch.Tensor
+
+
 @dataclass
 class ForwardBatch:
     """Many sequences' new tokens, concatenated without padding.
@@ -237,6 +249,22 @@ class ForwardBatch:
     restores: list[tuple[int, int]] = field(default_factory=list)   # (snapshot slot, running slot)
     saves: list[tuple[int, int]] = field(default_factory=list)      # (running slot, snapshot slot)
     page_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (ratio, src page, dst page)
+    _decode: "DecodeRows | None | bool" = field(default=False, init=False, repr=False, compare=False)
+
+    def decode_rows(self) -> "DecodeRows | None":
+        """The sequences with exactly one new token (decode steps), when there are at least two,
+        as index tensors; None otherwise. Built once per batch and shared by every layer."""
+        if self._decode is False:
+            seqs = [b for b in range(self.num_seqs) if self.cu_seqlens[b + 1] - self.cu_seqlens[b] == 1]
+            if len(seqs) < 2:
+                self._decode = None
+            else:
+                dev = self.positions.device
+                rows = torch.tensor([self.cu_seqlens[b] for b in seqs], device=dev)
+                self._decode = DecodeRows(seqs, torch.tensor(seqs, device=dev), rows,
+                                          torch.tensor([self.slots[b] for b in seqs], device=dev),
+                                          self.positions[rows])
+        return self._decode
 
     @property
     def num_seqs(self) -> int:

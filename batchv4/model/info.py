@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from batchv4.config import ModelConfig
+from batchv4.model import quant
 from batchv4.model.checkpoint_files import DTYPE_BYTES, CheckpointError, read_headers
 from batchv4.model.inventory import EXPERT, I64, expected_inventory, model_tensors
 
@@ -66,15 +67,14 @@ class ModelInfo:
 
 def kv_entry_bytes(cfg: ModelConfig) -> int:
     """Production bytes of one compressed entry: FP8 non-RoPE dims + BF16 RoPE dims + one ue8m0
-    scale per 64 non-RoPE dims, padded to 8 bytes (584 for the real models)."""
-    nope = cfg.head_dim - cfg.rope_head_dim
-    raw = nope + 2 * cfg.rope_head_dim + math.ceil(nope / 64)
-    return -(-raw // 8) * 8
+    scale per 64 non-RoPE dims, padded to 8 bytes (584 for the real models): the packed layout
+    `quant.pack_kv_entries` writes."""
+    return quant.kv_entry_nbytes(cfg.head_dim, cfg.rope_head_dim, torch.bfloat16)
 
 
 def indexer_key_bytes(cfg: ModelConfig) -> int:
     """FP4 indexer key: two values per byte + one ue8m0 scale per 32 (68 for the real models)."""
-    return cfg.index_head_dim // 2 + math.ceil(cfg.index_head_dim / 32)
+    return quant.fp4_row_nbytes(cfg.index_head_dim)
 
 
 def kv_sizes(cfg: ModelConfig, context: int) -> KVSizes:
