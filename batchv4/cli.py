@@ -8,6 +8,7 @@ Commands are imported lazily so `batchv4 estimate` never imports torch.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -48,21 +49,74 @@ def cli() -> None:
     """Offline batch inference for DeepSeek-V4: datasets in, outputs and per-row cost out."""
 
 
+class _StderrHandler(logging.Handler):
+    """batchv4's warnings on stderr, one line each; the stream is looked up at each message."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{record.levelname.lower()}: {self.format(record)}", err=True)
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("batchv4")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what kill, Slurm and Kubernetes send), raised like Ctrl-C so a run flushes its
+    manifest, releases its folder and removes its scratch space on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main() -> None:
+    import signal
+    import traceback
+
+    from batchv4.errors import UserError
+
+    terminated = False
+    _log_to_stderr()
     try:
-        cli.main(standalone_mode=False)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:                    # not the main thread (embedded use): leave signals alone
+        pass
+    try:
+        try:
+            cli.main(standalone_mode=False)
+        except click.exceptions.Abort as e:
+            terminated = isinstance(e.__context__, _Terminated) or isinstance(e.__cause__, _Terminated)
+            raise
     except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+        click.echo("Terminated." if terminated else "Aborted.", err=True)
+        sys.exit(143 if terminated else 130)
+    except _Terminated:
+        click.echo("Terminated.", err=True)
+        sys.exit(143)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except (ValueError, OSError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        click.echo(f"Error: {msg}", err=True)
+    except UserError as e:
+        click.echo(f"Error: {_line(e)}", err=True)
         sys.exit(1)
+    except OSError as e:                  # storage and files: the environment, not a bug
+        click.echo(f"Error: {_line(e)}", err=True)
+        sys.exit(1)
+    except Exception:
+        traceback.print_exc()
+        click.echo("Error: this is a bug in batchv4 (an unexpected error, traceback above); please report it",
+                   err=True)
+        sys.exit(2)
+
+
+def _line(e: BaseException) -> str:
+    from batchv4.io.urls import first_line
+
+    return first_line(e)
 
 
 if __name__ == "__main__":

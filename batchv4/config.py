@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from batchv4.errors import UserError
+
 PRESET_NAMES = ("deepseek-v4-flash", "deepseek-v4-pro", "deepseek-v4-flash-4l", "tiny", "test")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot describe a DeepSeek-V4 model."""
 
 

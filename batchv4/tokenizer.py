@@ -29,6 +29,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from batchv4.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -66,16 +68,16 @@ def _content_text(content: Any, where: str, *, allow_none: bool) -> str:
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, Mapping):
-                raise ValueError(f"{where}.content[{j}]: expected an object, got {type(part).__name__}")
+                raise UserError(f"{where}.content[{j}]: expected an object, got {type(part).__name__}")
             if part.get("type") != "text":
-                raise ValueError(f"{where}.content[{j}]: unsupported content part type {part.get('type')!r}")
+                raise UserError(f"{where}.content[{j}]: unsupported content part type {part.get('type')!r}")
             text = part.get("text")
             if not isinstance(text, str):
-                raise ValueError(f"{where}.content[{j}].text: expected a string")
+                raise UserError(f"{where}.content[{j}].text: expected a string")
             texts.append(text)
         # vLLM joins the text parts of one message with a newline; do the same.
         return "\n".join(texts)
-    raise ValueError(f"{where}.content: expected a string or a list of text parts, got {type(content).__name__}")
+    raise UserError(f"{where}.content: expected a string or a list of text parts, got {type(content).__name__}")
 
 
 def normalize_messages(messages: Any, *, for_generation: bool = True) -> list[dict[str, str]]:
@@ -86,30 +88,30 @@ def normalize_messages(messages: Any, *, for_generation: bool = True) -> list[di
     message naming the first problem. With `for_generation` the last message must be a user turn.
     """
     if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages: expected a list, got {type(messages).__name__}")
+        raise UserError(f"messages: expected a list, got {type(messages).__name__}")
     if not messages:
-        raise ValueError("messages: the list is empty")
+        raise UserError("messages: the list is empty")
     out: list[dict[str, str]] = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, Mapping):
-            raise ValueError(f"{where}: expected an object with role and content, got {type(msg).__name__}")
+            raise UserError(f"{where}: expected an object with role and content, got {type(msg).__name__}")
         role = msg.get("role")
         if role not in _ROLES:
-            raise ValueError(f"{where}.role: unsupported role {role!r} (expected system, user or assistant)")
+            raise UserError(f"{where}.role: unsupported role {role!r} (expected system, user or assistant)")
         if "content" not in msg:
-            raise ValueError(f"{where}: missing content")
+            raise UserError(f"{where}: missing content")
         role = "system" if role == "developer" else role
         item = {"role": role, "content": _content_text(msg["content"], where, allow_none=role != "user")}
         if role == "assistant":
             reasoning = msg.get("reasoning_content", msg.get("reasoning"))
             if reasoning is not None:
                 if not isinstance(reasoning, str):
-                    raise ValueError(f"{where}.reasoning_content: expected a string, got {type(reasoning).__name__}")
+                    raise UserError(f"{where}.reasoning_content: expected a string, got {type(reasoning).__name__}")
                 item["reasoning_content"] = reasoning
         out.append(item)
     if for_generation and out[-1]["role"] != "user":
-        raise ValueError(f"messages: the last message must be from the user, got {out[-1]['role']!r}")
+        raise UserError(f"messages: the last message must be from the user, got {out[-1]['role']!r}")
     return out
 
 
@@ -121,7 +123,7 @@ def encode_chat(
 ) -> str:
     """The V4 prompt text for `messages`: BOS, the turns, and the generation suffix."""
     if reasoning_effort not in _REASONING_EFFORT_PROMPTS:
-        raise ValueError(f"reasoning_effort: expected None, 'high' or 'max', got {reasoning_effort!r}")
+        raise UserError(f"reasoning_effort: expected None, 'high' or 'max', got {reasoning_effort!r}")
     msgs: list[dict[str, str]] = []
     for m in normalize_messages(messages):
         # The official encoder merges consecutive user messages into one turn joined by a blank line.
@@ -204,7 +206,7 @@ class V4Tokenizer:
     def _required_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
         if tid is None:
-            raise ValueError(f"{self.source}: the vocabulary has no {token!r} token; is this a DeepSeek-V4 tokenizer?")
+            raise UserError(f"{self.source}: the vocabulary has no {token!r} token; is this a DeepSeek-V4 tokenizer?")
         return tid
 
     def encode(self, text: str) -> list[int]:

@@ -1,11 +1,14 @@
 """The `estimate` pipeline: what a job will cost before it runs, with no model loaded.
 
-Exact prompt tokens through the V4 tokenizer and chat encoding, predicted cache hits from the same
-packing the run uses (for this engine, which resumes at exact branch points, and for the API, which
-caches whole prefix units), output tokens as a low/expected/high range, the price on the chosen
-card and the alternatives at peak and off-peak, and the cheapest window to run it.
+It reads rows through the same row front-end as `run` (same files, ids, duplicates, per-row `n`
+and `max_tokens` of OpenAI bodies, context pre-check, the `--model`'s tokenizer), so it counts
+exactly the rows `run` would run. Exact prompt tokens, predicted cache hits from the same packing
+the run uses (for this engine, which resumes at exact branch points, and for the API, which caches
+whole prefix units, counted as `run` counts `api_cache_hit_tokens`), output tokens as a
+low/expected/high range, the price on the chosen card and the alternatives at peak and off-peak,
+and the cheapest window to run it.
 
-Owns: the estimate's figures. Does not own: reading rows (`batchv4.io`), planning (`packing`) or
+Owns: the estimate's figures. Does not own: rows (`pipelines.frontend`), planning (`packing`) or
 prices (`accounting`). Never imports torch.
 """
 
@@ -15,105 +18,80 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from batchv4.pipelines.frontend import RowOptions
 
-@dataclass
-class EstimateConfig:
-    input: str
-    fmt: str | None = None
-    prompt_column: str | None = None
-    messages_column: str | None = None
-    template: str | None = None
-    system: str | None = None
-    id_column: str | None = None
-    thinking: bool = False
-    max_tokens: int = 256
+
+@dataclass(frozen=True)
+class EstimateConfig(RowOptions):
     output_tokens: tuple[int, int, int] | None = None     # low, expected, high per row
-    n: int = 1
     price: str = "deepseek-v4-flash"
     prices_file: str | None = None
-    limit: int | None = None
-    shard: tuple[int, int] | None = None
-    batch_rows: int = 4096
-    storage_options: dict | None = None
+    read_batch_rows: int = 4096
 
 
 def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
     from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.accounting.summary import Totals, cheapest_window, compare_cards, price_totals
-    from batchv4.io.readers import open_input
-    from batchv4.io.rows import RowError, RowSpec, build_request, check_columns
-    from batchv4.packing import PackInput, PlanStats, plan, shard_of
-    from batchv4.pipelines.run import chat_token_ids
-    from batchv4.tokenizer import load_tokenizer
+    from batchv4.packing import PackConfig, PackInput, PlanStats, plan
+    from batchv4.pipelines.frontend import Frontend, options_of
+    from batchv4.pipelines.run_state import RunState
 
     now = now or datetime.now(timezone.utc)
     t0 = time.perf_counter()
     private = load_price_file(cfg.prices_file) if cfg.prices_file else {}
     card = get_card(cfg.price, private)
-    src = open_input(cfg.input, cfg.fmt, storage_options=cfg.storage_options)
-    spec = RowSpec(cfg.prompt_column, cfg.messages_column, cfg.template, cfg.system, cfg.id_column, (),
-                   src.format == "openai")
-    spec = check_columns(spec, src.columns(), src.format)
-    tok = load_tokenizer()
-    counts = {"input_rows": 0, "error_rows": 0, "rows": 0}
-    tokenize_s = 0.0
+    fe = Frontend(options_of(cfg))
+    counts = {"input_rows": 0, "error_rows": 0, "out_of_shard": 0, "planned_rows": 0}
+    timings: dict[str, float] = {}
 
-    def items():
-        nonlocal tokenize_s
-        for batch in src.iter_rows(batch_size=cfg.batch_rows):
-            reqs = []
-            for raw in batch:
-                if cfg.limit is not None and counts["input_rows"] >= cfg.limit:
-                    break
-                counts["input_rows"] += 1
-                r = build_request(raw, spec)
-                if isinstance(r, RowError):
-                    if not cfg.shard or r.index % cfg.shard[1] == cfg.shard[0]:
-                        counts["error_rows"] += 1
-                    continue
-                reqs.append(r)
-            t = time.perf_counter()
-            encoded = chat_token_ids(tok, reqs, cfg.thinking) if reqs else []
-            tokenize_s += time.perf_counter() - t
-            for r, (toks, _, err) in zip(reqs, encoded):
-                if err is not None:
-                    if not cfg.shard or r.index % cfg.shard[1] == cfg.shard[0]:
-                        counts["error_rows"] += 1
-                    continue
-                if cfg.shard and shard_of(toks, cfg.shard[1]) != cfg.shard[0]:
-                    continue
-                counts["rows"] += 1
-                yield PackInput(r.index, toks)
-            if cfg.limit is not None and counts["input_rows"] >= cfg.limit:
-                return
+    def on_error(err) -> None:
+        counts["error_rows"] += 1
 
+    unit = PackConfig().api_unit
     stats = PlanStats()
-    for _ in plan(items(), stats=stats):
-        pass
-    rows = counts["rows"] * cfg.n
-    low, exp, high = cfg.output_tokens or (1, cfg.max_tokens // 2 or 1, cfg.max_tokens)
-    # n samples share a prompt: the API sees n requests, all but the first hit the whole prompt
-    extra_prompt = stats.prompt_tokens * (cfg.n - 1)
+    # sums over rows (x n samples): prompt, engine hits, API hits, output tokens low/expected/high
+    prompt = engine_hit = api_hit = samples = 0
+    out = [0, 0, 0]
+    with RunState() as state:
+        def items():
+            for batch in fe.batches(state.seen, on_error, counts, timings):
+                for r in batch:
+                    yield PackInput((r.req.index, r.sampling.n, r.sampling.max_tokens), r.token_ids)
 
-    def totals(out_per_row: int, hits: int) -> Totals:
-        prompt = stats.prompt_tokens * cfg.n
-        hit = hits + extra_prompt
-        return Totals(rows=rows, prompt_tokens=prompt, prompt_cache_hit_tokens=hit,
-                      prompt_cache_miss_tokens=prompt - hit, completion_tokens=out_per_row * rows)
+        for pr in plan(items(), stats=stats, spill_dir=state.dir):
+            _, n, max_tokens = pr.key
+            length = len(pr.token_ids)
+            samples += n
+            prompt += length * n
+            # later samples of a prompt: the engine serves all of it from its cache, an API its whole units
+            engine_hit += pr.resume_pos + (n - 1) * length
+            api_hit += pr.api_hit_tokens + (n - 1) * (length - length % unit)
+            for i, v in enumerate(_output_range(cfg.output_tokens, max_tokens)):
+                out[i] += v * n
 
-    api = {name: totals(v, stats.api_hit_tokens) for name, v in (("low", low), ("expected", exp), ("high", high))}
+    def totals(completion: int) -> Totals:
+        return Totals(rows=samples, prompt_tokens=prompt, prompt_cache_hit_tokens=api_hit,
+                      prompt_cache_miss_tokens=prompt - api_hit, api_cache_hit_tokens=api_hit,
+                      completion_tokens=completion)
+
+    api = {name: totals(v) for name, v in zip(("low", "expected", "high"), out)}
     price = {name: price_totals(t, card, now) for name, t in api.items()}
     best = cheapest_window(api["expected"], card, now) if card.has_token_prices else None
+    per_row = {name: (v / samples if samples else 0.0) for name, v in zip(("low", "expected", "high"), out)}
     return {
-        "input": counts,
+        "rows": counts["planned_rows"],
+        "error_rows": counts["error_rows"],
+        "input_rows": counts["input_rows"],
+        "output_rows": samples,
+        "out_of_shard_rows": counts["out_of_shard"],
         "tokens": {
-            "prompt_tokens": stats.prompt_tokens * cfg.n,
+            "prompt_tokens": prompt,
             "tree_tokens": stats.tree_tokens,
-            "engine_prefill_tokens": stats.planned_prefill_tokens,
-            "engine_hit_tokens": stats.engine_hit_tokens + extra_prompt,
-            "api_hit_tokens": stats.api_hit_tokens + extra_prompt,
+            "engine_prefill_tokens": prompt - engine_hit,
+            "engine_cache_hit_tokens": engine_hit,
+            "api_cache_hit_tokens": api_hit,
             "predicted_reuse": stats.reuse_ratio,
-            "output_tokens_per_row": {"low": low, "expected": exp, "high": high},
+            "output_tokens_per_row": per_row,
         },
         "plan": {"groups": stats.groups, "snapshots": stats.snapshots, "max_live_snapshots": stats.max_live_snapshots},
         "card": card.name,
@@ -123,7 +101,16 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
         "compare": [{"card": q.card, "label": q.label, "window": q.window, "at": q.at.isoformat(),
                      "cost_usd": q.cost_usd, "approximate": q.approximate}
                     for q in compare_cards(api["expected"], now, private=private)],
-        "seconds": {"total": time.perf_counter() - t0, "tokenize": tokenize_s},
-        "notes": "API hits assume whole cache units of 64 tokens; other providers' cards are approximate "
+        "seconds": {"total": time.perf_counter() - t0, "tokenize": timings.get("tokenize", 0.0),
+                    "read_build": timings.get("read_build", 0.0)},
+        "notes": f"API hits assume whole cache units of {unit} tokens; other providers' cards are approximate "
                  "(their tokenizers differ from V4's).",
     }
+
+
+def _output_range(given: tuple[int, int, int] | None, max_tokens: int) -> tuple[int, int, int]:
+    """A row's output tokens (low, expected, high): `--output-tokens` capped by the row's own
+    max_tokens, else 1, max_tokens / 2, max_tokens."""
+    if given is None:
+        return 1, max_tokens // 2 or 1, max_tokens
+    return tuple(min(v, max_tokens) for v in given)  # type: ignore[return-value]

@@ -1,4 +1,8 @@
-"""`batchv4 estimate`: the Click front of the estimate pipeline. Never imports torch."""
+"""`batchv4 estimate`: the Click front of the estimate pipeline. Never imports torch.
+
+It takes `run`'s row options (the same bundle, `run_cmd.ROW_OPTIONS`), so it counts the rows that
+`run` with the same options would run.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import json
 
 import click
 
-from batchv4.pipelines.run_cmd import SectionedCommand, _shard
+from batchv4.pipelines.run_cmd import SectionedCommand, row_fields, row_options
 
 
 def _triple(ctx, param, value):
@@ -25,51 +29,39 @@ def _triple(ctx, param, value):
 
 ESTIMATE_SECTIONS = (
     ("Input", ("fmt", "limit", "shard")),
-    ("Prompts", ("prompt_column", "messages_column", "template", "system", "thinking")),
+    ("Prompts", ("prompt_column", "messages_column", "template", "system", "id_column", "keep_columns", "thinking")),
     ("Output tokens", ("max_tokens", "output_tokens", "n")),
+    ("Sampling (as run takes them; they do not change the estimate)", ("temperature", "top_p", "seed", "stop")),
+    ("Model", ("model", "max_model_len")),
     ("Cost", ("price", "prices_file")),
 )
 
 
 @click.command(cls=SectionedCommand, sections=ESTIMATE_SECTIONS, context_settings={"show_default": True})
 @click.argument("input_url", metavar="INPUT")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "openai"]), default=None,
-              help="Input format.  [default: detected from the content]")
-@click.option("--prompt-column", default=None,
-              help="Column holding the user prompt.  [default: 'messages' if present, else 'prompt']")
-@click.option("--messages-column", default=None, help="Column holding chat messages [{role, content}].")
-@click.option("--template", default=None, help="Prompt template with {column} placeholders ({{ }} for braces).")
-@click.option("--system", default=None, help="System prompt put before every conversation.")
-@click.option("--thinking/--no-thinking", default=False, help="V4 thinking mode.")
-@click.option("--max-tokens", default=256, type=int, help="Upper bound of output tokens per row.")
+@row_options
 @click.option("--output-tokens", default=None, callback=_triple,
-              help="Output tokens per row as LOW,EXPECTED,HIGH or one number.  [default: 1,MAX/2,MAX]")
-@click.option("-n", "n", default=1, type=int, help="Samples per row.")
-@click.option("--price", default="deepseek-v4-flash", help="Price card.")
-@click.option("--prices", "prices_file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="JSON/TOML file of private price cards.")
-@click.option("--limit", default=None, type=int, help="Only the first N input rows.  [default: all]")
-@click.option("--shard", default=None, callback=_shard, help="I/N: the I-th of N slices.  [default: all rows]")
+              help="Output tokens per row as LOW,EXPECTED,HIGH or one number, capped by each row's max tokens."
+                   "  [default: 1,MAX/2,MAX]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def estimate(input_url, fmt, prompt_column, messages_column, template, system, thinking, max_tokens, output_tokens,
-             n, price, prices_file, limit, shard, as_json):
+def estimate(input_url, output_tokens, as_json, **row):
     """What running INPUT would cost, before running it (no model is loaded)."""
     from batchv4.pipelines.estimate import EstimateConfig, estimate as run_estimate
 
-    res = run_estimate(EstimateConfig(input_url, fmt, prompt_column, messages_column, template, system, None, thinking,
-                                      max_tokens, output_tokens, n, price, prices_file, limit, shard))
+    res = run_estimate(EstimateConfig(input=input_url, output_tokens=output_tokens, **row_fields(row)))
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
     t = res["tokens"]
+    per_row = t["output_tokens_per_row"]
     lines = [
-        f"rows                 {res['input']['rows']:>14,}   (errors {res['input']['error_rows']:,})",
+        f"rows                 {res['rows']:>14,}   (error rows {res['error_rows']:,}; output rows {res['output_rows']:,})",
         f"prompt tokens        {t['prompt_tokens']:>14,}",
-        f"  engine cache hits  {t['engine_hit_tokens']:>14,}   (prefill {t['engine_prefill_tokens']:,}; "
+        f"  engine cache hits  {t['engine_cache_hit_tokens']:>14,}   (prefill {t['engine_prefill_tokens']:,}; "
         f"reuse x{t['predicted_reuse']:.2f})",
-        f"  API cache hits     {t['api_hit_tokens']:>14,}",
-        f"output tokens/row    {t['output_tokens_per_row']['low']:,} / {t['output_tokens_per_row']['expected']:,}"
-        f" / {t['output_tokens_per_row']['high']:,}  (low / expected / high)",
+        f"  API cache hits     {t['api_cache_hit_tokens']:>14,}",
+        f"output tokens/row    {per_row['low']:,.0f} / {per_row['expected']:,.0f} / {per_row['high']:,.0f}"
+        "  (low / expected / high)",
         "",
         f"cost on {res['card']} now:  " + " / ".join(_usd(res["cost_usd"][k]) for k in ("low", "expected", "high")),
     ]
@@ -82,6 +74,8 @@ def estimate(input_url, fmt, prompt_column, messages_column, template, system, t
         lines.append(f"{name:<34}{(q['window'] or '-'):<10}{_usd(q['cost_usd']):>16}")
     lines.append("* approximate: another tokenizer")
     click.echo("\n".join(lines))
+    if res["error_rows"]:
+        click.echo(f"{res['error_rows']:,} input row(s) would become error rows", err=True)
 
 
 def _usd(v) -> str:

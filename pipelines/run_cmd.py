@@ -51,65 +51,103 @@ RUN_SECTIONS = (
     ("Cost", ("price", "prices_file")),
 )
 
+# the options that decide which rows run and how they are tokenized: `run` and `estimate` take them
+# all, so an estimate counts exactly the rows its run would run
+ROW_OPTIONS = (
+    click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "openai"]), default=None,
+                 help="Input format.  [default: detected per file from its content]"),
+    click.option("--model", default="tiny", help="Preset name or checkpoint directory (its tokenizer.json is used)."),
+    click.option("--prompt-column", default=None,
+                 help="Column holding the user prompt.  [default: each row's 'messages', else its 'prompt']"),
+    click.option("--messages-column", default=None, help="Column holding chat messages [{role, content}]."),
+    click.option("--template", default=None, help="Prompt template with {column} placeholders ({{ }} for braces)."),
+    click.option("--system", default=None, help="System prompt put before every conversation."),
+    click.option("--id-column", default=None,
+                 help="Column with row ids.  [default: 'id' if present, custom_id for OpenAI batch, else the row number]"),
+    click.option("--keep-columns", default="", show_default=False,
+                 help="Comma-separated input columns copied to the output.  [default: none]"),
+    click.option("--thinking/--no-thinking", default=False, help="V4 thinking mode (fills the reasoning column)."),
+    click.option("--max-tokens", default=256, type=int, help="Tokens generated per row at most."),
+    click.option("--temperature", default=None, type=float, show_default=False,
+                 help="Sampling temperature; 0 = greedy.  [default: 0; OpenAI batch bodies: OpenAI's 1]"),
+    click.option("--top-p", default=1.0, type=float, help="Nucleus sampling: keep the smallest token set with this mass."),
+    click.option("--seed", default=0, type=int, help="Sampling seed (per row: seed, row id, sample, step)."),
+    click.option("--stop", multiple=True, help="Stop string (repeatable).  [default: none]"),
+    click.option("-n", "n", default=1, type=int, help="Samples per row; each is its own output row (sample_index)."),
+    click.option("--max-model-len", default=None, type=int,
+                 help="Context limit: prompt + max tokens; longer rows become error rows.  [default: the model's]"),
+    click.option("--price", default="deepseek-v4-flash", help="Price card for cost_usd."),
+    click.option("--prices", "prices_file", default=None, type=click.Path(exists=True, dir_okay=False),
+                 help="JSON/TOML file of private price cards (see the README's 'Price files')."),
+    click.option("--limit", default=None, type=int, help="Process only the first N input rows.  [default: all]"),
+    click.option("--shard", default=None, callback=_shard,
+                 help="I/N: the I-th of N slices, cut by prefix group.  [default: all rows]"),
+)
+
+
+def row_options(f):
+    for option in reversed(ROW_OPTIONS):
+        f = option(f)
+    return f
+
+
+def row_fields(kw: dict) -> dict:
+    """The RowOptions fields from the parsed ROW_OPTIONS (keep_columns split, stop a tuple)."""
+    kw = dict(kw)
+    kw["keep_columns"] = tuple(c.strip() for c in kw.pop("keep_columns", "").split(",") if c.strip())
+    kw["stop"] = tuple(kw.get("stop") or ())
+    return kw
+
 
 @click.command(cls=SectionedCommand, sections=RUN_SECTIONS, context_settings={"show_default": True})
 @click.argument("input_url", metavar="INPUT")
 @click.option("-o", "--output", "output", required=True, help="Output folder (local path or fsspec URL).")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "openai"]), default=None,
-              help="Input format.  [default: detected from the content]")
-@click.option("--model", default="tiny", help="Preset name or checkpoint directory.")
-@click.option("--prompt-column", default=None,
-              help="Column holding the user prompt.  [default: 'messages' if present, else 'prompt']")
-@click.option("--messages-column", default=None, help="Column holding chat messages [{role, content}].")
-@click.option("--template", default=None, help="Prompt template with {column} placeholders ({{ }} for braces).")
-@click.option("--system", default=None, help="System prompt put before every conversation.")
-@click.option("--id-column", default=None,
-              help="Column with row ids.  [default: 'id' if present, custom_id for OpenAI batch, else the row number]")
-@click.option("--keep-columns", default="", show_default=False,
-              help="Comma-separated input columns copied to the output.  [default: none]")
-@click.option("--thinking/--no-thinking", default=False, help="V4 thinking mode (fills the reasoning column).")
-@click.option("--max-tokens", default=256, type=int, help="Tokens generated per row at most.")
-@click.option("--temperature", default=0.0, type=float, help="Sampling temperature; 0 = greedy.")
-@click.option("--top-p", default=1.0, type=float, help="Nucleus sampling: keep the smallest token set with this mass.")
-@click.option("--seed", default=0, type=int, help="Sampling seed (per row: seed, row id, sample, step).")
-@click.option("--stop", multiple=True, help="Stop string (repeatable).  [default: none]")
-@click.option("-n", "n", default=1, type=int, help="Samples per row; each is its own output row (sample_index).")
+@row_options
 @click.option("--kv-cache-memory", default="512MiB", help="Memory for the KV cache and snapshots.")
 @click.option("--kv-cache-dtype", default="auto", type=click.Choice(["auto", "fp8"]),
               help="auto: the model's dtype; fp8: V4's production cache (FP8 entries, FP4 indexer keys) "
                    "with the FP8/FP4 activation simulation.")
 @click.option("--max-batched-tokens", default=2048, type=int, help="Token budget per engine step.")
 @click.option("--max-num-seqs", default=64, type=int, help="Sequences running at once.")
-@click.option("--max-model-len", default=None, type=int,
-              help="Context limit: prompt + max tokens; longer rows become error rows.  [default: the model's]")
-@click.option("--device", default="cpu", help="cpu or cuda.")
-@click.option("--price", default="deepseek-v4-flash", help="Price card for cost_usd.")
-@click.option("--prices", "prices_file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="JSON/TOML file of private price cards (token prices, gpu_hour_usd).")
-@click.option("--limit", default=None, type=int, help="Process only the first N input rows.  [default: all]")
-@click.option("--shard", default=None, callback=_shard,
-              help="I/N: the I-th of N slices, cut by prefix group.  [default: all rows]")
-@click.option("--resume/--overwrite", default=True, help="Continue a previous run in OUTPUT, or replace it.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--resume/--overwrite", default=True,
+              help="Continue a previous run in OUTPUT, or replace it (only ever a batchv4 run's files).")
 @click.option("--part-rows", default=512, type=int, help="Output rows per Parquet part.")
-@click.option("--quiet", is_flag=True, help="No progress bars or table.")
-def run(input_url, output, fmt, model, prompt_column, messages_column, template, system, id_column, keep_columns,
-        thinking, max_tokens, temperature, top_p, seed, stop, n, kv_cache_memory, kv_cache_dtype, max_batched_tokens,
-        max_num_seqs, max_model_len, device, price, prices_file, limit, shard, resume, part_rows, quiet):
-    """Generate an output for every row of INPUT (Parquet, JSONL or OpenAI batch JSONL; a file, a
-    folder, a glob or any fsspec URL) into the folder OUTPUT: Parquet parts with per-row tokens and
-    cost, errors-*.parquet for rows that cannot run, summary.json."""
+@click.option("--quiet", is_flag=True, help="No progress bars or table (error rows are still counted on stderr).")
+def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, max_num_seqs, device, resume,
+        part_rows, quiet, **row):
+    """Generate an output for every row of INPUT (Parquet, JSONL, JSON arrays or OpenAI batch JSONL;
+    a file, a folder, a glob or any fsspec URL) into the folder OUTPUT: Parquet parts with per-row
+    tokens and cost, errors-*.parquet for rows that cannot run, summary.json."""
+    from batchv4.errors import UserError
+    from batchv4.io.outdir import is_ephemeral
+    from batchv4.io.urls import redact_url
     from batchv4.pipelines.run import RunConfig, run as run_job
 
-    cfg = RunConfig(input=input_url, output=output, fmt=fmt, model=model, prompt_column=prompt_column,
-                    messages_column=messages_column, template=template, system=system, id_column=id_column,
-                    keep_columns=tuple(c.strip() for c in keep_columns.split(",") if c.strip()),
-                    thinking=thinking, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop=tuple(stop), n=n, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
-                    max_batched_tokens=max_batched_tokens,
-                    max_num_seqs=max_num_seqs, max_model_len=max_model_len, price=price, prices_file=prices_file,
-                    limit=limit, shard=shard, overwrite=not resume, quiet=quiet, part_rows=part_rows, device=device)
+    if is_ephemeral(output):
+        raise UserError(f"-o {redact_url(output)}: memory:// storage ends with this process; write to a "
+                        "folder or an object store")
+    cfg = RunConfig(input=input_url, output=output, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+                    max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, device=device,
+                    overwrite=not resume, quiet=quiet, part_rows=part_rows, **row_fields(row))
     summary = run_job(cfg)
     if not quiet:
         from batchv4.pipelines.report_cmd import render
 
         click.echo(render(summary))
+    report_errors(summary, cfg.output)
+
+
+def report_errors(summary: dict, output: str) -> None:
+    """Error rows are counted on stderr, even with --quiet; a job whose every processed row became
+    an error row exits 1 (a rerun with nothing left to do exits 0)."""
+    from batchv4.io.urls import redact_url
+
+    c = summary["counts"]
+    new_errors, new_outputs = c.get("new_error_rows", 0), c.get("new_output_rows", 0)
+    if new_errors:
+        click.echo(f"{new_errors:,} error row(s) this run ({c.get('error_rows', 0):,} in all): see "
+                   f"{redact_url(output).rstrip('/')}/errors-*.parquet", err=True)
+    if new_errors and not new_outputs:
+        click.echo("Error: every row this run processed became an error row", err=True)
+        raise SystemExit(1)

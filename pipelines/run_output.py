@@ -17,9 +17,20 @@ NO_STATS = {"forward_seconds": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "ca
             "preemptions": 0, "snapshot_evictions": 0, "peak_snapshots": 0}
 
 
-def output_rows(req, group: int | None, out, card, llm, now: datetime, progress: dict[str, int]) -> list[dict]:
+def api_hits(plan_hit: int, n_prompt: int, sample_index: int, api_unit: int) -> int:
+    """Prompt tokens an API would bill as cache hits for one sample: the plan's prediction for the
+    first (whole cache units shared with earlier requests), and for later samples of the same
+    prompt (n > 1 means n requests to an API) every whole unit of the prompt, which the first
+    request put in the cache. `estimate` counts the same way."""
+    return plan_hit if sample_index == 0 else n_prompt - n_prompt % api_unit
+
+
+def output_rows(req, group: int | None, out, card, llm, now: datetime, progress: dict[str, int],
+                plan_api_hit: int = 0, api_unit: int = 64) -> list[dict]:
     """The output rows of one finished request (`req` is its `RowRequest`), finished at `now`.
-    Rows carry `_cost` and `_group` for `amortize`, which removes them."""
+    `prompt_cache_hit_tokens` are the engine's own hits; `api_cache_hit_tokens` what an API
+    would bill as hits (`api_hits`), which `cost_usd` is priced with, exactly as `estimate`
+    prices the job. Rows carry `_cost` and `_group` for `amortize`, which removes them."""
     from batchv4.accounting.pricing import price_row_detail, self_hosted_cost
 
     recs = []
@@ -31,10 +42,13 @@ def output_rows(req, group: int | None, out, card, llm, now: datetime, progress:
         hit = out.num_cached_tokens if c.index == 0 else n_prompt
         usage = {"prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": n_prompt - hit,
                  "completion_tokens": len(c.token_ids), "reasoning_tokens": c.num_reasoning_tokens}
-        detail = price_row_detail(usage, card, now)
+        api_hit = api_hits(plan_api_hit, n_prompt, c.index, api_unit)
+        api_usage = {**usage, "prompt_cache_hit_tokens": api_hit, "prompt_cache_miss_tokens": n_prompt - api_hit}
+        detail = price_row_detail(api_usage, card, now)
         secs = _engine_seconds(stats, n_prompt - hit + len(c.token_ids))
         recs.append({"id": req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
                      "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage,
+                 "api_cache_hit_tokens": api_hit,
                      "cost_usd": None if detail is None else detail.total_usd,
                      "cost_usd_self_hosted": self_hosted_cost(secs, card), "engine_seconds": secs,
                      "_cost": detail, "_group": group,
@@ -61,8 +75,9 @@ def amortize(buf: list[dict]) -> list[dict]:
 
     priced = []
     for r in buf:
-        u = RowUsage(r["prompt_cache_hit_tokens"], r["prompt_cache_miss_tokens"], r["completion_tokens"],
-                     r["reasoning_tokens"])
+        # priced as cost_usd is: with the API's hits
+        hit = r["api_cache_hit_tokens"]
+        u = RowUsage(hit, r["prompt_tokens"] - hit, r["completion_tokens"], r["reasoning_tokens"])
         priced.append(PricedRow(u, r.pop("_cost")))
     for r, a in zip(buf, amortized_costs(priced, [r.pop("_group") for r in buf])):
         r["cost_usd_amortized"] = a
@@ -76,9 +91,14 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
     from batchv4.accounting.summary import compare_cards, summarize
     from batchv4.io.writers import iter_output_rows
 
-    cols = ["prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens",
-            "reasoning_tokens", "cost_usd", "cost_usd_self_hosted", "engine_seconds"]
+    cols = ["prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "api_cache_hit_tokens",
+            "completion_tokens", "reasoning_tokens", "cost_usd", "cost_usd_self_hosted", "engine_seconds"]
     totals = summarize(iter_output_rows(cfg.output, cols, cfg.storage_options or None))
+    from dataclasses import replace
+
+    # other cards are API prices: the same tokens with the API's cache semantics
+    api_totals = replace(totals, prompt_cache_hit_tokens=totals.api_cache_hit_tokens,
+                         prompt_cache_miss_tokens=totals.prompt_tokens - totals.api_cache_hit_tokens)
     st = llm.stats() if llm is not None else NO_STATS
     computed = st["prefill_tokens"] + st["decode_tokens"] + st["cached_prompt_tokens"]
     return {
@@ -86,6 +106,10 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
         "config": cfg.public(),
         "price_card": card.name,
         "counts": {**counts, "output_rows": writer.rows_written, "error_rows": writer.error_rows_written},
+        "cache": {"prompt_cache_hit_tokens": "served from batchv4's own prefix cache in this run",
+                  "api_cache_hit_tokens": "what an API with DeepSeek's cache semantics (whole 64-token units of "
+                                          "prefixes sent before) would bill as hits; cost_usd is priced with these, "
+                                          "as estimate is"},
         "totals": totals.to_dict(),
         "this_run": {
             "wall_seconds": wall,
@@ -103,7 +127,7 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
         "compare": [
             {"card": q.card, "label": q.label, "window": q.window, "at": q.at.isoformat(),
              "cost_usd": q.cost_usd, "approximate": q.approximate}
-            for q in compare_cards(totals, now, private=private)
+            for q in compare_cards(api_totals, now, private=private)
         ],
         "notes": "Other providers' cards are approximate: their tokenizers differ from V4's.",
     }

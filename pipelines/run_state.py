@@ -29,8 +29,10 @@ from batchv4.io.schema import rows_to_table
 
 _TABLES = (
     "CREATE TABLE seen (id BLOB PRIMARY KEY) WITHOUT ROWID",
-    "CREATE TABLE done (id BLOB, hash TEXT, PRIMARY KEY (id, hash)) WITHOUT ROWID",
-    "CREATE TABLE done_errors (row_index INTEGER PRIMARY KEY)",
+    # `matched`: this invocation read the same row again (same id and content), so it stays
+    "CREATE TABLE done (id BLOB, hash TEXT, matched INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (id, hash)) WITHOUT ROWID",
+    "CREATE TABLE done_errors (row_index INTEGER, key TEXT, matched INTEGER NOT NULL DEFAULT 0, "
+    "PRIMARY KEY (row_index, key)) WITHOUT ROWID",
     "CREATE TABLE rows (id BLOB PRIMARY KEY, rec TEXT NOT NULL, keep BLOB) WITHOUT ROWID",
 )
 
@@ -108,21 +110,55 @@ class RunState:
 
     # ---- what an earlier invocation wrote ---------------------------------------------------------
     def add_done(self, pairs: Iterable[tuple[str, str]]) -> None:
-        self._db.executemany("INSERT OR IGNORE INTO done VALUES (?, ?)", ((_k(i), h) for i, h in pairs))
+        """(id, content hash) of the output rows an earlier invocation wrote."""
+        self._db.executemany("INSERT OR IGNORE INTO done (id, hash) VALUES (?, ?)", ((_k(i), h) for i, h in pairs))
         self._any_done = self._db.execute("SELECT 1 FROM done LIMIT 1").fetchone() is not None
 
-    def add_done_errors(self, indexes: Iterable[int]) -> None:
-        self._db.executemany("INSERT OR IGNORE INTO done_errors VALUES (?)", ((int(i),) for i in indexes))
+    def add_done_errors(self, keys: Iterable[tuple[int, str]]) -> None:
+        """(row index, `RowError.key()`) of the error rows an earlier invocation wrote."""
+        self._db.executemany("INSERT OR IGNORE INTO done_errors (row_index, key) VALUES (?, ?)",
+                             ((int(i), k) for i, k in keys))
         self._any_done_error = self._db.execute("SELECT 1 FROM done_errors LIMIT 1").fetchone() is not None
 
     # a first invocation has nothing done: its per-row checks need no query
     def is_done(self, row_id: str, content_hash: str) -> bool:
+        """Whether an earlier invocation wrote this row with this content (and remember that it
+        is still current)."""
         return self._any_done and self._db.execute(
-            "SELECT 1 FROM done WHERE id = ? AND hash = ?", (_k(row_id), content_hash)).fetchone() is not None
+            "UPDATE done SET matched = 1 WHERE id = ? AND hash = ?", (_k(row_id), content_hash)).rowcount > 0
 
-    def is_done_error(self, row_index: int) -> bool:
+    def is_done_error(self, row_index: int, key: str) -> bool:
         return self._any_done_error and self._db.execute(
-            "SELECT 1 FROM done_errors WHERE row_index = ?", (row_index,)).fetchone() is not None
+            "UPDATE done_errors SET matched = 1 WHERE row_index = ? AND key = ?", (row_index, key)).rowcount > 0
+
+    def stale(self, whole_input: bool, rows_read: int) -> tuple[int, int]:
+        """Mark what an earlier invocation wrote that the input no longer has: output rows whose id
+        was read with other content (or became an error row), and error rows whose row was read
+        and is now something else; with `whole_input`, also rows beyond what the input holds.
+        Returns (stale output rows' (id, hash) pairs, stale error rows)."""
+        db = self._db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS stale_done (id BLOB, hash TEXT, PRIMARY KEY (id, hash)) WITHOUT ROWID")
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS stale_errors (row_index INTEGER, key TEXT, "
+                   "PRIMARY KEY (row_index, key)) WITHOUT ROWID")
+        db.execute("DELETE FROM stale_done")
+        db.execute("DELETE FROM stale_errors")
+        if whole_input:
+            db.execute("INSERT INTO stale_done SELECT id, hash FROM done WHERE matched = 0")
+            db.execute("INSERT INTO stale_errors SELECT row_index, key FROM done_errors WHERE matched = 0")
+        else:
+            db.execute("INSERT INTO stale_done SELECT id, hash FROM done WHERE matched = 0 AND id IN (SELECT id FROM seen)")
+            db.execute("INSERT INTO stale_errors SELECT row_index, key FROM done_errors WHERE matched = 0 "
+                       "AND row_index < ?", (rows_read,))
+        return (db.execute("SELECT COUNT(*) FROM stale_done").fetchone()[0],
+                db.execute("SELECT COUNT(*) FROM stale_errors").fetchone()[0])
+
+    def is_stale(self, row_id: str, content_hash: str) -> bool:
+        return self._db.execute("SELECT 1 FROM stale_done WHERE id = ? AND hash = ?",
+                                (_k(row_id), content_hash)).fetchone() is not None
+
+    def is_stale_error(self, row_index: int, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM stale_errors WHERE row_index = ? AND key = ?",
+                                (row_index, key)).fetchone() is not None
 
     # ---- this invocation --------------------------------------------------------------------------
     def seen(self, row_id: str) -> bool:
@@ -131,8 +167,8 @@ class RunState:
         self._tick()
         return cur.rowcount == 0
 
-    def put(self, rows: Sequence[tuple[RowRequest, dict[str, Any], bool]]) -> None:
-        """Record rows handed to the planner: (request, sampling overrides, thinking)."""
+    def put(self, rows: Sequence[tuple[RowRequest, Any, bool]]) -> None:
+        """Record rows handed to the planner: (request, its SamplingParams, thinking)."""
         if not rows:
             return
         blobs: list[bytes | None] = [None] * len(rows)
@@ -141,22 +177,24 @@ class RunState:
             batch = table.to_batches()[0]
             blobs = [batch.slice(i, 1).serialize().to_pybytes() for i in range(len(rows))]
         recs = (
-            (_k(r.id), json.dumps([r.index, r.messages, r.params, r.content_hash, over, thinking]), blob)
-            for (r, over, thinking), blob in zip(rows, blobs)
+            (_k(r.id), json.dumps([r.index, r.messages, r.params, r.content_hash, sp.to_dict(), thinking]), blob)
+            for (r, sp, thinking), blob in zip(rows, blobs)
         )
         self._db.executemany("INSERT INTO rows VALUES (?, ?, ?)", recs)
         self._tick(len(rows))
 
-    def get(self, row_id: str) -> tuple[RowRequest, dict[str, Any], bool]:
-        """(request, sampling overrides, thinking) of a row given to `put`."""
+    def get(self, row_id: str) -> tuple[RowRequest, Any, bool]:
+        """(request, SamplingParams, thinking) of a row given to `put`."""
+        from batchv4.engine.sampling_params import SamplingParams
+
         found = self._db.execute("SELECT rec, keep FROM rows WHERE id = ?", (_k(row_id),)).fetchone()
         if found is None:
             raise KeyError(row_id)
-        index, messages, params, content_hash, over, thinking = json.loads(found[0])
+        index, messages, params, content_hash, sampling, thinking = json.loads(found[0])
         keep: dict[str, Any] = {}
         if found[1] is not None:
             keep = pa.ipc.read_record_batch(pa.py_buffer(found[1]), self._schema).to_pylist()[0]
-        return RowRequest(index, row_id, messages, params, keep, content_hash), over, thinking
+        return RowRequest(index, row_id, messages, params, keep, content_hash), SamplingParams(**sampling), thinking
 
     def _tick(self, n: int = 1) -> None:
         # commit now and then so the database file, not memory, holds the dirty pages

@@ -19,6 +19,8 @@ from importlib.metadata import version
 from types import MappingProxyType
 from typing import Any
 
+from batchv4.errors import UserError
+
 DEFAULT_CARD = "deepseek-v4-flash"
 
 
@@ -133,21 +135,21 @@ def get_card(name: str, private: Mapping[str, PriceCard] | None = None) -> Price
     if name in BUILTIN_CARDS:
         return BUILTIN_CARDS[name]
     names = sorted(set(BUILTIN_CARDS) | set(private or {}))
-    raise ValueError(f"unknown price card {name!r}; known cards: {', '.join(names)}")
+    raise UserError(f"unknown price card {name!r}; known cards: {', '.join(names)}")
 
 
 def _price_field(card: str, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"price card {card!r}: {key} must be a non-negative number, got {value!r}")
+        raise UserError(f"price card {card!r}: {key} must be a non-negative number, got {value!r}")
     return float(value)
 
 
 def _card_from_mapping(name: str, spec: Any, known: Mapping[str, PriceCard]) -> PriceCard:
     if not isinstance(spec, Mapping):
-        raise ValueError(f"price card {name!r}: expected a table of fields, got {type(spec).__name__}")
+        raise UserError(f"price card {name!r}: expected a table of fields, got {type(spec).__name__}")
     unknown = sorted(set(spec) - _FILE_KEYS)
     if unknown:
-        raise ValueError(f"price card {name!r}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_FILE_KEYS))}")
+        raise UserError(f"price card {name!r}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_FILE_KEYS))}")
     fields: dict[str, Any] = {}
     for key in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok", "gpu_hour_usd"):
         if spec.get(key) is not None:
@@ -155,20 +157,20 @@ def _card_from_mapping(name: str, spec: Any, known: Mapping[str, PriceCard]) -> 
     for key in ("model_ref", "provider_id", "label"):
         if spec.get(key) is not None:
             if not isinstance(spec[key], str) or not spec[key]:
-                raise ValueError(f"price card {name!r}: {key} must be a non-empty string")
+                raise UserError(f"price card {name!r}: {key} must be a non-empty string")
             fields[key] = spec[key]
     if spec.get("price_context") is not None:
         ctx = spec["price_context"]
         if not isinstance(ctx, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ctx.items()):
-            raise ValueError(f"price card {name!r}: price_context must map strings to strings")
+            raise UserError(f"price card {name!r}: price_context must map strings to strings")
         fields["price_context"] = tuple(sorted(ctx.items()))
     private_tokens = [k for k in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok") if k in fields]
     if private_tokens and not {"input_per_mtok", "output_per_mtok"} <= set(fields):
-        raise ValueError(
+        raise UserError(
             f"price card {name!r}: give input_per_mtok and output_per_mtok together (cached_input_per_mtok is optional)"
         )
     if private_tokens and "model_ref" in fields:
-        raise ValueError(f"price card {name!r}: give either model_ref or private token prices, not both")
+        raise UserError(f"price card {name!r}: give either model_ref or private token prices, not both")
     base_name = spec.get("base")
     if base_name is not None:
         base = get_card(base_name, known)
@@ -178,7 +180,7 @@ def _card_from_mapping(name: str, spec: Any, known: Mapping[str, PriceCard]) -> 
             fields.setdefault("deepseek_rule", None)
         return dataclasses.replace(base, name=name, **fields)
     if "provider_id" in fields and "model_ref" not in fields:
-        raise ValueError(f"price card {name!r}: provider_id needs model_ref")
+        raise UserError(f"price card {name!r}: provider_id needs model_ref")
     return PriceCard(name=name, **fields)
 
 
@@ -201,14 +203,14 @@ def load_price_file(path: str | os.PathLike[str]) -> dict[str, PriceCard]:
         try:
             import tomllib
         except ImportError as e:  # Python 3.10
-            raise ValueError(f"price file {path}: TOML needs Python 3.11 or later; use JSON") from e
+            raise UserError(f"price file {path}: TOML needs Python 3.11 or later; use JSON") from e
     try:
         doc = tomllib.loads(data.decode("utf-8")) if is_toml else json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         kind = "TOML" if is_toml else "JSON"
-        raise ValueError(f"price file {path} is not valid {kind}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"price file {path} is not valid {kind}: {str(e).splitlines()[0]}") from e
     if not isinstance(doc, Mapping) or not isinstance(doc.get("cards"), Mapping):
-        raise ValueError(f"price file {path}: expected a top-level 'cards' table")
+        raise UserError(f"price file {path}: expected a top-level 'cards' table")
     cards: dict[str, PriceCard] = {}
     for name, spec in doc["cards"].items():
         cards[name] = _card_from_mapping(name, spec, cards)

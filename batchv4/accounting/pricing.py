@@ -19,6 +19,7 @@ from numbers import Integral
 from typing import Any
 
 from batchv4.accounting.cards import PriceCard
+from batchv4.errors import UserError
 
 UTC = timezone.utc
 BEIJING = timezone(timedelta(hours=8))  # DeepSeek defines its peak hours and weekends in Beijing time
@@ -36,9 +37,9 @@ class RowUsage:
         for key in _USAGE_KEYS:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, Integral) or v < 0:
-                raise ValueError(f"{key} must be a non-negative integer, got {v!r}")
+                raise UserError(f"{key} must be a non-negative integer, got {v!r}")
         if self.reasoning_tokens > self.completion_tokens:
-            raise ValueError(
+            raise UserError(
                 f"reasoning_tokens ({self.reasoning_tokens}) exceed completion_tokens ({self.completion_tokens}); "
                 "reasoning is part of completion"
             )
@@ -52,11 +53,11 @@ class RowUsage:
         """From a row dict; a `prompt_tokens` given must equal hit + miss (ValueError otherwise)."""
         missing = [k for k in _USAGE_KEYS[:3] if m.get(k) is None]
         if missing:
-            raise ValueError(f"usage is missing {missing[0]}")
+            raise UserError(f"usage is missing {missing[0]}")
         u = cls(*(m[k] for k in _USAGE_KEYS[:3]), reasoning_tokens=m.get("reasoning_tokens") or 0)
         prompt = m.get("prompt_tokens")
         if prompt is not None and prompt != u.prompt_tokens:
-            raise ValueError(
+            raise UserError(
                 f"prompt_tokens ({prompt}) != prompt_cache_hit_tokens ({u.prompt_cache_hit_tokens}) "
                 f"+ prompt_cache_miss_tokens ({u.prompt_cache_miss_tokens})"
             )
@@ -87,7 +88,7 @@ class RowCost:
 
 def check_aware(when: datetime, what: str = "finished_at") -> datetime:
     if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError(f"{what} must be a timezone-aware datetime, got {when!r}")
+        raise UserError(f"{what} must be a timezone-aware datetime, got {when!r}")
     return when
 
 
@@ -99,7 +100,7 @@ def _model(model_ref: str, provider_id: str | None):
     try:
         return data_snapshot.get_snapshot().find_provider_model(model_ref, None, provider_id, None)[1]
     except LookupError as e:
-        raise ValueError(f"genai-prices has no model {model_ref!r} for provider {provider_id!r}") from e
+        raise UserError(f"genai-prices has no model {model_ref!r} for provider {provider_id!r}") from e
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +123,7 @@ def _off_peak_same_day(when: datetime, windows: tuple[Any, ...]) -> datetime:
         instant = datetime.combine(day, t.replace(tzinfo=None), tzinfo=t.tzinfo or UTC).astimezone(UTC)
         if instant.date() == day and not any(w.active(instant) for w in windows):
             return instant
-    raise ValueError(f"no off-peak time on {day} in the price windows")
+    raise UserError(f"no off-peak time on {day} in the price windows")
 
 
 def _utc_seconds(t: time) -> float:
@@ -169,7 +170,7 @@ def _genai_cost(card: PriceCard, prompt: float, hit: float, completion: float, i
             price_context=dict(card.price_context) or None,
         )
     except LookupError as e:
-        raise ValueError(f"price card {card.name!r}: genai-prices has no model {card.model_ref!r} ({e})") from e
+        raise UserError(f"price card {card.name!r}: genai-prices has no model {card.model_ref!r} ({e})") from e
     mp = calc.model_price
     registry = _get_registry()
 
@@ -219,7 +220,7 @@ def self_hosted_cost(engine_seconds: float, card: PriceCard) -> float | None:
     """Engine seconds attributed to a row x the card's GPU-hour price; None without one."""
     ok = isinstance(engine_seconds, (int, float)) and not isinstance(engine_seconds, bool)
     if not ok or not math.isfinite(engine_seconds) or engine_seconds < 0:
-        raise ValueError(f"engine_seconds must be a non-negative number, got {engine_seconds!r}")
+        raise UserError(f"engine_seconds must be a non-negative number, got {engine_seconds!r}")
     if card.gpu_hour_usd is None:
         return None
     return engine_seconds * card.gpu_hour_usd / 3600.0

@@ -39,6 +39,8 @@ class Totals:
     prompt_cache_miss_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    # what an API would bill as cache hits (rows without the column count their engine hits)
+    api_cache_hit_tokens: int = 0
     cost_usd: float | None = None
     cost_usd_self_hosted: float | None = None
     engine_seconds: float | None = None
@@ -60,7 +62,7 @@ def _sum_optional(total: float | None, value: Any) -> float | None:
 def summarize(rows: Iterable[Mapping[str, Any]]) -> Totals:
     """Totals over output rows (dicts with the output schema's usage and cost columns).
     Raises ValueError when a row's prompt_tokens != hit + miss."""
-    n = prompt = hit = miss = completion = reasoning = 0
+    n = prompt = hit = miss = completion = reasoning = api_hit = 0
     cost = hosted = seconds = None
     for i, r in enumerate(rows):
         try:
@@ -73,10 +75,12 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> Totals:
         miss += u.prompt_cache_miss_tokens
         completion += u.completion_tokens
         reasoning += u.reasoning_tokens
+        a = r.get("api_cache_hit_tokens")
+        api_hit += u.prompt_cache_hit_tokens if a is None else int(a)
         cost = _sum_optional(cost, r.get("cost_usd"))
         hosted = _sum_optional(hosted, r.get("cost_usd_self_hosted"))
         seconds = _sum_optional(seconds, r.get("engine_seconds"))
-    return Totals(n, prompt, hit, miss, completion, reasoning, cost, hosted, seconds)
+    return Totals(n, prompt, hit, miss, completion, reasoning, api_hit, cost, hosted, seconds)
 
 
 def price_totals(totals: Totals, card: PriceCard, when: datetime) -> float | None:

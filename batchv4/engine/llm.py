@@ -24,6 +24,7 @@ from batchv4.engine.runner import ModelRunner, NoMathRunner, size_cache
 from batchv4.engine.sampler import RowState, Sampler
 from batchv4.engine.sampling_params import SamplingParams
 from batchv4.engine.scheduler import EngineRequest, Scheduler, Sequence
+from batchv4.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def parse_bytes(v: int | str) -> int:
         return v
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", str(v), re.I)
     if not m:
-        raise ValueError(f"kv_cache_memory: cannot read {v!r} as a size (e.g. 512MiB, 8GiB)")
+        raise UserError(f"kv_cache_memory: cannot read {v!r} as a size (e.g. 512MiB, 8GiB)")
     unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
     mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
     return int(float(m.group(1)) * mult)
@@ -74,13 +75,13 @@ class LLM:
         values those formats hold exactly; "auto" keeps them in the model's dtype. FP8 runs on the
         torch attention path (the Triton attention kernels read the native layout)."""
         if kv_cache_dtype not in ("auto", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
+            raise UserError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
         from batchv4.model.model import Transformer
 
         if max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")
+            raise UserError("max_num_batched_tokens must be >= 1")
         if max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
+            raise UserError("max_num_seqs must be >= 1")
         self.device = torch.device(device)
         self.cfg = ModelConfig.load(model)
         if dtype == "auto":
@@ -103,7 +104,7 @@ class LLM:
         if not dry_run:
             kernels = self.device.type == "cuda" and not fp8 if use_kernels is None else use_kernels
             if kernels and fp8:
-                raise ValueError("kv_cache_dtype='fp8' runs without the Triton attention kernels: "
+                raise UserError("kv_cache_dtype='fp8' runs without the Triton attention kernels: "
                                  "pass use_kernels=False")
             self.model.set_kernels(kernels)
             self.model.set_activation_sim(fp8)
@@ -191,14 +192,14 @@ class LLM:
             return [int(t) for t in p["prompt_token_ids"]]
         if isinstance(p, dict) and "prompt" in p:
             return self.tokenizer.encode(p["prompt"])
-        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+        raise UserError("a prompt is a string or a dict with 'prompt_token_ids'")
 
     def _run_list(self, ids: list[list[int]], params, thinking: list[bool], use_plan: bool) -> list[RequestOutput]:
         if params is None:
             params = SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(ids)
         if len(plist) != len(ids):
-            raise ValueError("sampling_params: one per prompt, or a single one for all")
+            raise UserError("sampling_params: one per prompt, or a single one for all")
         reqs = list(self.plan_requests([str(i) for i in range(len(ids))], ids, plist, thinking, use_plan))
         out = {o.request_id: o for o in self.generate_stream(reqs)}
         return [out[str(i)] for i in range(len(ids))]

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from batchv4.errors import UserError
+
 # vLLM's _SAMPLING_EPS: temperatures below it are treated as greedy.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
@@ -25,25 +27,25 @@ MAX_LOGPROBS = 20
 
 def _int(label: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{label} must be an integer, got {value!r}")
+        raise UserError(f"{label} must be an integer, got {value!r}")
     if minimum is not None and maximum is not None and not minimum <= value <= maximum:
-        raise ValueError(f"{label} must be in [{minimum}, {maximum}], got {value!r}")
+        raise UserError(f"{label} must be in [{minimum}, {maximum}], got {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{label} must be >= {minimum}, got {value!r}")
+        raise UserError(f"{label} must be >= {minimum}, got {value!r}")
     return value
 
 
 def _float(label: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{label} must be a number, got {value!r}")
+        raise UserError(f"{label} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{label} must be finite, got {value!r}")
+        raise UserError(f"{label} must be finite, got {value!r}")
     return float(value)
 
 
 def _bool(label: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{label} must be true or false, got {value!r}")
+        raise UserError(f"{label} must be true or false, got {value!r}")
     return value
 
 
@@ -58,42 +60,42 @@ def _check_max_tokens(label: str, v: Any) -> int:
 def _check_temperature(label: str, v: Any) -> float:
     t = _float(label, v)
     if t < 0:
-        raise ValueError(f"{label} must be >= 0, got {v!r}")
+        raise UserError(f"{label} must be >= 0, got {v!r}")
     return t
 
 
 def _check_top_p(label: str, v: Any) -> float:
     p = _float(label, v)
     if not 0 < p <= 1:
-        raise ValueError(f"{label} must be in (0, 1], got {v!r}")
+        raise UserError(f"{label} must be in (0, 1], got {v!r}")
     return p
 
 
 def _check_top_k(label: str, v: Any) -> int:
     k = _int(label, v)
     if k < -1:
-        raise ValueError(f"{label} must be 0 or -1 (off) or >= 1, got {v!r}")
+        raise UserError(f"{label} must be 0 or -1 (off) or >= 1, got {v!r}")
     return max(k, 0)
 
 
 def _check_min_p(label: str, v: Any) -> float:
     p = _float(label, v)
     if not 0 <= p <= 1:
-        raise ValueError(f"{label} must be in [0, 1], got {v!r}")
+        raise UserError(f"{label} must be in [0, 1], got {v!r}")
     return p
 
 
 def _check_additive_penalty(label: str, v: Any) -> float:
     p = _float(label, v)
     if not -2 <= p <= 2:
-        raise ValueError(f"{label} must be in [-2, 2], got {v!r}")
+        raise UserError(f"{label} must be in [-2, 2], got {v!r}")
     return p
 
 
 def _check_repetition_penalty(label: str, v: Any) -> float:
     p = _float(label, v)
     if p <= 0:
-        raise ValueError(f"{label} must be > 0, got {v!r}")
+        raise UserError(f"{label} must be > 0, got {v!r}")
     return p
 
 
@@ -102,12 +104,12 @@ def _check_stop(label: str, v: Any) -> tuple[str, ...]:
         return ()
     items = (v,) if isinstance(v, str) else v
     if not isinstance(items, Sequence):
-        raise ValueError(f"{label} must be a string or a list of strings, got {type(v).__name__}")
+        raise UserError(f"{label} must be a string or a list of strings, got {type(v).__name__}")
     for s in items:
         if not isinstance(s, str):
-            raise ValueError(f"{label} must contain only strings, got {s!r}")
+            raise UserError(f"{label} must contain only strings, got {s!r}")
         if not s:
-            raise ValueError(f"{label} must not contain an empty string")
+            raise UserError(f"{label} must not contain an empty string")
     return tuple(items)
 
 
@@ -115,7 +117,7 @@ def _check_stop_token_ids(label: str, v: Any) -> tuple[int, ...]:
     if v is None:
         return ()
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-        raise ValueError(f"{label} must be a list of token ids, got {type(v).__name__}")
+        raise UserError(f"{label} must be a list of token ids, got {type(v).__name__}")
     return tuple(_int(f"{label}[{i}]", t, minimum=0) for i, t in enumerate(v))
 
 
@@ -211,7 +213,7 @@ class SamplingParams:
         """A validated copy with `changes` applied."""
         unknown = sorted(set(changes) - set(_CHECKS))
         if unknown:
-            raise ValueError(f"unknown sampling parameter {unknown[0]!r}")
+            raise UserError(f"unknown sampling parameter {unknown[0]!r}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,24 +224,35 @@ class SamplingParams:
 
     @classmethod
     def from_openai(cls, body: Mapping[str, Any]) -> SamplingParams:
-        """Parameters from an OpenAI chat-completions request body.
+        """Parameters from an OpenAI chat-completions request body, with OpenAI's defaults
+        (temperature 1, top_p 1, n 1) for what the body leaves out; see `openai_overrides`."""
+        return cls(**openai_overrides(body))
 
-        Reads `max_completion_tokens` (preferred) or `max_tokens`, `temperature`, `top_p`, `n`,
-        `stop`, `seed`, `presence_penalty`, `frequency_penalty`, `logprobs` + `top_logprobs`, and
-        vLLM's extra keys (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`,
-        `include_stop_str_in_output`, `skip_special_tokens`). Other keys (messages, model, ...)
-        are ignored; a null value means the default. Errors name the body's key.
-        """
-        if not isinstance(body, Mapping):
-            raise ValueError(f"request body must be an object, got {type(body).__name__}")
-        kwargs: dict[str, Any] = {}
-        for key, name in _OPENAI_KEYS.items():
-            if body.get(key) is not None:
-                kwargs[name] = _CHECKS[name](key, body[key])
-        if body.get("max_completion_tokens") is not None:
-            kwargs["max_tokens"] = _check_max_tokens("max_completion_tokens", body["max_completion_tokens"])
-        kwargs["logprobs"] = _openai_logprobs(body.get("logprobs"), body.get("top_logprobs"))
-        return cls(**kwargs)
+
+def openai_overrides(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling parameters an OpenAI chat-completions request body sets, validated, as
+    `SamplingParams` field names: the one parser of request bodies (the run's OpenAI batch rows and
+    the server both use it).
+
+    Reads `max_completion_tokens` (preferred) or `max_tokens`, `temperature`, `top_p`, `n`,
+    `stop`, `seed`, `presence_penalty`, `frequency_penalty`, `logprobs` + `top_logprobs`, and
+    vLLM's extra keys (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`,
+    `include_stop_str_in_output`, `skip_special_tokens`). Other keys (messages, model, ...) are
+    ignored; a null value means the key is absent. Errors name the body's key. Values are
+    JSON-friendly (lists, not tuples), so the dict can be hashed and stored as JSON.
+    """
+    if not isinstance(body, Mapping):
+        raise UserError(f"request body must be an object, got {type(body).__name__}")
+    out: dict[str, Any] = {}
+    for key, name in _OPENAI_KEYS.items():
+        if body.get(key) is not None:
+            out[name] = _CHECKS[name](key, body[key])
+    if body.get("max_completion_tokens") is not None:
+        out["max_tokens"] = _check_max_tokens("max_completion_tokens", body["max_completion_tokens"])
+    logprobs = _openai_logprobs(body.get("logprobs"), body.get("top_logprobs"))
+    if logprobs is not None:
+        out["logprobs"] = logprobs
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def _openai_logprobs(logprobs: Any, top_logprobs: Any) -> int | None:
@@ -247,12 +260,12 @@ def _openai_logprobs(logprobs: Any, top_logprobs: Any) -> int | None:
     # legacy completions API's count, accepted as such.
     if logprobs is None or logprobs is False:
         if top_logprobs is not None:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise UserError("top_logprobs requires logprobs to be true")
         return None
     if logprobs is True:
         return _check_logprobs("top_logprobs", 0 if top_logprobs is None else top_logprobs)
     if isinstance(logprobs, int):
         if top_logprobs is not None:
-            raise ValueError("top_logprobs requires logprobs to be true, not a number")
+            raise UserError("top_logprobs requires logprobs to be true, not a number")
         return _check_logprobs("logprobs", logprobs)
-    raise ValueError(f"logprobs must be true or false, got {logprobs!r}")
+    raise UserError(f"logprobs must be true or false, got {logprobs!r}")

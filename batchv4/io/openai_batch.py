@@ -46,9 +46,10 @@ def _success_line(custom_id: str, samples: list[Mapping[str, Any]], model: str) 
         }
         for r in samples
     ]
-    # Usage sums the sample rows, so it equals the sum of the per-row accounting in the parts.
-    prompt = sum(_int(r, "prompt_tokens") for r in samples)
-    cached = sum(_int(r, "prompt_cache_hit_tokens") for r in samples)
+    # One request, one usage (as OpenAI's batch output has it): the prompt counts once however many
+    # samples (n) it had, with the hits of its first sample; completions sum over the samples.
+    prompt = _int(samples[0], "prompt_tokens")
+    cached = _int(samples[0], "prompt_cache_hit_tokens")
     completion = sum(_int(r, "completion_tokens") for r in samples)
     reasoning = sum(_int(r, "reasoning_tokens") for r in samples)
     body = {
@@ -73,8 +74,10 @@ def _success_line(custom_id: str, samples: list[Mapping[str, Any]], model: str) 
     }
 
 
-def _error_line(custom_id: str | None, message: str, code: str) -> dict[str, Any]:
-    key = custom_id if custom_id is not None else f"<no id>:{message}"
+def _error_line(custom_id: str | None, message: str, code: str, row_index: int | None = None) -> dict[str, Any]:
+    # named by its input row too: a line without a custom_id, or a duplicate of another line's
+    # custom_id, still has an id of its own
+    key = custom_id if custom_id is not None and row_index is None else f"{custom_id}:row {row_index}:{message}"
     return {
         "id": _hid("batch_req_", key),
         "custom_id": custom_id,
@@ -107,7 +110,7 @@ def write_openai_batch_output(
                 line = _success_line(custom_id, samples, model)
             yield (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
         for e in errors:
-            line = _error_line(e.get("id"), str(e.get("error")), "invalid_request")
+            line = _error_line(e.get("id"), str(e.get("error")), "invalid_request", e.get("row_index"))
             yield (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
 
     fs, path = get_fs(out_url, storage_options)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from batchv4.errors import UserError
 from batchv4.io.readers import RawRow
 from batchv4.tokenizer import normalize_messages
 
@@ -35,6 +35,8 @@ class RowSpec:
     id_column: str | None = None  # else custom_id (OpenAI batch) else the row index
     keep_columns: tuple[str, ...] = ()  # input columns copied to the output
     openai_batch: bool = False  # rows are OpenAI batch lines ({custom_id, body})
+    # no prompt source was named: each row uses its `messages` when it has them, else its `prompt`
+    per_row: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,30 @@ class RowError:
     raw: str | None
 
     def to_record(self) -> dict[str, Any]:
-        """The row of the error parts (see `batchv4.io.schema.ERROR_SCHEMA`)."""
-        return {"id": self.id, "row_index": self.index, "error": self.error, "raw": self.raw}
+        """The row of the error parts (see `batchv4.io.schema.ERROR_SCHEMA`); lone surrogates
+        (from JSON escapes such as "\\ud800") are written as escapes, since Parquet text is UTF-8."""
+        return {"id": _printable(self.id), "row_index": self.index, "error": _printable(self.error),
+                "raw": _printable(self.raw)}
+
+    def key(self) -> str:
+        """What identifies this error row across runs: its row number, reason and raw text (so an
+        edited row's old error row is recognised as stale)."""
+        return error_key(self.index, _printable(self.error), _printable(self.raw))
+
+
+def error_key(index: int, error: str | None, raw: str | None) -> str:
+    canon = json.dumps([index, error, raw], ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("ascii")).hexdigest()[:32]
+
+
+def _printable(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # -- templates -----------------------------------------------------------------------------------
@@ -74,11 +98,11 @@ def parse_template(template: str) -> tuple[str | tuple[str], ...]:
         elif tok == "}}":
             pieces.append("}")
         elif tok in ("{", "}"):
-            raise ValueError(f"template: unmatched {tok!r} at position {m.start()} (write {tok}{tok} for a literal brace)")
+            raise UserError(f"template: unmatched {tok!r} at position {m.start()} (write {tok}{tok} for a literal brace)")
         else:
             name = m.group(1)
             if not name.strip():
-                raise ValueError(f"template: empty placeholder at position {m.start()}")
+                raise UserError(f"template: empty placeholder at position {m.start()}")
             pieces.append((name,))
         pos = m.end()
     if pos < len(template):
@@ -99,10 +123,10 @@ def fill_template(pieces: Iterable[str | tuple[str]], data: Mapping[str, Any]) -
             continue
         name = p[0]
         if name not in data:
-            raise ValueError(f"template column {name!r} is missing from this row")
+            raise UserError(f"template column {name!r} is missing from this row")
         value = data[name]
         if value is None:
-            raise ValueError(f"template column {name!r} is null")
+            raise UserError(f"template column {name!r} is null")
         out.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str))
     return "".join(out)
 
@@ -118,18 +142,19 @@ def check_columns(spec: RowSpec, columns: Iterable[str], fmt: str | None = None)
     available = ", ".join(cols) if cols else "(none)"
     sources = [s for s in (spec.prompt_column, spec.messages_column, spec.template) if s is not None]
     if len(sources) > 1:
-        raise ValueError("give only one of --prompt-column, --messages-column and --template")
+        raise UserError("give only one of --prompt-column, --messages-column and --template")
     if fmt == "openai" or spec.openai_batch:
         if sources:
-            raise ValueError("--prompt-column/--messages-column/--template do not apply to OpenAI batch input")
+            raise UserError("--prompt-column/--messages-column/--template do not apply to OpenAI batch input")
         spec = replace(spec, openai_batch=True)
     elif not sources:
+        # each row uses what it has; the recorded column is the one the input's schema leads with
         if "messages" in cols:
-            spec = replace(spec, messages_column="messages")
+            spec = replace(spec, messages_column="messages", per_row="prompt" in cols)
         elif "prompt" in cols:
-            spec = replace(spec, prompt_column="prompt")
+            spec = replace(spec, prompt_column="prompt", per_row="messages" in cols)
         else:
-            raise ValueError(
+            raise UserError(
                 f"no prompt column: pass --prompt-column, --messages-column or --template; available columns: {available}"
             )
     named = [
@@ -142,64 +167,38 @@ def check_columns(spec: RowSpec, columns: Iterable[str], fmt: str | None = None)
         named += [("--template", c) for c in template_columns(spec.template)]
     for option, col in named:
         if col is not None and col not in cols:
-            raise ValueError(f"column {col!r} (from {option}) is not in the input; available columns: {available}")
+            raise UserError(f"column {col!r} (from {option}) is not in the input; available columns: {available}")
     return spec
 
 
 # -- OpenAI body parameters ----------------------------------------------------------------------
-def _int_param(body: Mapping[str, Any], key: str, low: int) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"body.{key}: expected an integer >= {low}, got {v!r}")
-    return v
-
-
-def _float_param(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
-        raise ValueError(f"body.{key}: expected a number in [{low}, {high}], got {v!r}")
-    return float(v)
-
-
 def openai_params(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Sampling overrides from an OpenAI chat-completions body (unknown keys are ignored)."""
-    params: dict[str, Any] = {}
-    max_tokens = _int_param(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _int_param(body, "max_tokens", 1)
-    if max_tokens is not None:
-        params["max_tokens"] = max_tokens
-    for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
-        v = _float_param(body, key, low, high)
-        if v is not None:
-            params[key] = v
-    for key, low in (("seed", -(2**63)), ("n", 1)):
-        v = _int_param(body, key, low)
-        if v is not None:
-            params[key] = v
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            raise ValueError("body.stop: expected a non-empty string or a list of them")
-        params["stop"] = list(stops)
+    """A row's overrides from an OpenAI chat-completions body: the sampling parameters (through
+    the one parser of request bodies, `batchv4.engine.sampling_params.openai_overrides`), plus
+    V4's `thinking` ({"type": "enabled" | "disabled"}, DeepSeek's API form) and
+    `reasoning_effort`."""
+    from batchv4.engine.sampling_params import openai_overrides
+
+    try:
+        params = openai_overrides(body)
+    except ValueError as e:
+        raise UserError(f"body.{_reason(e)}") from None
     effort = body.get("reasoning_effort")
     if effort is not None:
         if not isinstance(effort, str):
-            raise ValueError(f"body.reasoning_effort: expected a string, got {effort!r}")
+            raise UserError(f"body.reasoning_effort: expected a string, got {effort!r}")
         params["reasoning_effort"] = effort
     thinking = body.get("thinking")
     if thinking is not None:
-        # DeepSeek's API form: {"thinking": {"type": "enabled" | "disabled"}}
         kind = thinking.get("type") if isinstance(thinking, Mapping) else None
         if kind not in ("enabled", "disabled"):
-            raise ValueError("body.thinking: expected {\"type\": \"enabled\"} or {\"type\": \"disabled\"}")
+            raise UserError("body.thinking: expected {\"type\": \"enabled\"} or {\"type\": \"disabled\"}")
         params["thinking"] = kind == "enabled"
     return params
+
+
+# keys of `RowRequest.params` that are not sampling parameters
+ROW_ONLY_PARAMS = ("thinking", "reasoning_effort")
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -211,61 +210,85 @@ def content_hash(messages: list[dict[str, str]], params: Mapping[str, Any]) -> s
 def _row_id(spec: RowSpec, data: Mapping[str, Any], index: int) -> str:
     if spec.id_column is not None:
         if spec.id_column not in data or data[spec.id_column] is None:
-            raise ValueError(f"id column {spec.id_column!r} is missing or null")
+            raise UserError(f"id column {spec.id_column!r} is missing or null")
         value = data[spec.id_column]
         if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ValueError(f"id column {spec.id_column!r}: expected a string or integer, got {type(value).__name__}")
+            raise UserError(f"id column {spec.id_column!r}: expected a string or integer, got {type(value).__name__}")
     elif spec.openai_batch:
         value = data.get("custom_id")
         if not isinstance(value, str):
-            raise ValueError("custom_id: expected a string")
+            raise UserError("custom_id: expected a string")
     else:
         return str(index)
     text = str(value)
     if not text:
-        raise ValueError("empty id")
+        raise UserError("empty id")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"id {_printable(text)!r} holds a lone surrogate ({_surrogate(text, e)}), which is not "
+                        "valid Unicode text") from None
     return text
+
+
+def _surrogate(text: str, e: UnicodeEncodeError) -> str:
+    return f"U+{ord(text[e.start]):04X} at character {e.start}"
 
 
 def _messages(spec: RowSpec, data: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     if spec.openai_batch:
         endpoint = data.get("url")
         if endpoint is not None and endpoint not in _OPENAI_ENDPOINTS:
-            raise ValueError(f"url: unsupported endpoint {endpoint!r} (expected {' or '.join(_OPENAI_ENDPOINTS)})")
+            raise UserError(f"url: unsupported endpoint {endpoint!r} (expected {' or '.join(_OPENAI_ENDPOINTS)})")
         body = data.get("body")
         if not isinstance(body, Mapping):
-            raise ValueError("body: expected an object")
+            raise UserError("body: expected an object")
         params = openai_params(body)
         if "messages" in body:
             return body["messages"], params
         if "prompt" in body:
             return [{"role": "user", "content": _prompt_text(body["prompt"], "body.prompt")}], params
-        raise ValueError("body: has neither messages nor prompt")
+        raise UserError("body: has neither messages nor prompt")
+    if spec.per_row:
+        if data.get("messages") is not None:
+            return data["messages"], {}
+        if data.get("prompt") is not None:
+            return [{"role": "user", "content": _prompt_text(data["prompt"], "prompt column 'prompt'")}], {}
+        raise UserError("row has neither 'messages' nor 'prompt' (or name the column: --prompt-column, "
+                        "--messages-column, --template)")
     if spec.messages_column is not None:
         if data.get(spec.messages_column) is None:
-            raise ValueError(f"messages column {spec.messages_column!r} is missing or null")
+            raise UserError(f"messages column {spec.messages_column!r} is missing or null")
         return data[spec.messages_column], {}
     if spec.template is not None:
         text = fill_template(parse_template(spec.template), data)
         return [{"role": "user", "content": _prompt_text(text, "template")}], {}
     col = spec.prompt_column
     if col is None:
-        raise ValueError("no prompt source; call check_columns first")
+        raise UserError("no prompt source; call check_columns first")
     if col not in data or data[col] is None:
-        raise ValueError(f"prompt column {col!r} is missing or null")
+        raise UserError(f"prompt column {col!r} is missing or null")
     return [{"role": "user", "content": _prompt_text(data[col], f"prompt column {col!r}")}], {}
 
 
 def _prompt_text(value: Any, what: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{what}: expected a string, got {type(value).__name__}")
+        raise UserError(f"{what}: expected a string, got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"{what}: empty prompt")
+        raise UserError(f"{what}: empty prompt")
     return value
 
 
 def build_request(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
-    """One input row as a request, or an error row with a one-line reason."""
+    """One input row as a request, or an error row with a one-line reason; never an exception."""
+    try:
+        return _build(row, spec)
+    except Exception as e:  # whatever goes wrong with one row makes it an error row, not a failed job
+        return RowError(row.index, None, f"cannot build a request from this row ({type(e).__name__}: {_reason(e)})",
+                        row.raw if row.raw is not None else _dump(row.data or {}))
+
+
+def _build(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
     if row.error is not None or row.data is None:
         return RowError(row.index, None, row.error or "unreadable row", row.raw)
     data = row.data
@@ -280,8 +303,14 @@ def build_request(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
             messages = [{"role": "system", "content": spec.system}, *messages]
     except ValueError as e:
         return RowError(row.index, row_id, _reason(e), row.raw if row.raw is not None else _dump(data))
+    try:
+        digest = content_hash(messages, params)
+    except UnicodeEncodeError:
+        return RowError(row.index, row_id, "the prompt holds a lone surrogate (a JSON escape such as \\ud800 "
+                        "without its pair), which is not valid Unicode text",
+                        row.raw if row.raw is not None else _dump(data))
     keep = {c: data.get(c) for c in spec.keep_columns}
-    return RowRequest(row.index, row_id, messages, params, keep, content_hash(messages, params))
+    return RowRequest(row.index, row_id, messages, params, keep, digest)
 
 
 def _reason(e: Exception) -> str:
@@ -290,4 +319,7 @@ def _reason(e: Exception) -> str:
 
 
 def _dump(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, default=str)
+    try:
+        return json.dumps(data, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):      # e.g. a circular structure; the reason row still names the row
+        return repr(data)

@@ -25,6 +25,9 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("prompt_cache_miss_tokens", pa.int64(), nullable=False),
     pa.field("completion_tokens", pa.int64(), nullable=False),  # includes reasoning_tokens
     pa.field("reasoning_tokens", pa.int64(), nullable=False),
+    # prompt tokens an API would bill as cache hits (whole cache units of prefixes sent before);
+    # cost_usd is priced with these, as estimate is. Null in parts of versions before it existed.
+    pa.field("api_cache_hit_tokens", pa.int64()),
     pa.field("cost_usd", pa.float64()),  # API-equivalent cost under the run's price card
     pa.field("cost_usd_amortized", pa.float64()),  # same, shared-prefix input cost spread evenly
     pa.field("cost_usd_self_hosted", pa.float64()),  # engine seconds x GPU-hour price, if given
@@ -45,18 +48,44 @@ ERROR_SCHEMA = pa.schema(
 
 
 def keep_fields(names: Sequence[str], input_schema: pa.Schema | None = None) -> list[pa.Field]:
-    """Fields for kept input columns: the input's Arrow type for Parquet, else string (JSON values
-    are written as JSON text unless they already are strings)."""
+    """Fields for kept input columns, typed by `input_schema` (Parquet footers, or for JSON inputs
+    the types `infer_schema` found in sampled rows); string where the schema has no such column or
+    only nulls (values that are not strings are then written as JSON text)."""
     clash = [n for n in names if n in OUTPUT_SCHEMA.names]
     if clash:
         raise ValueError(f"kept column {clash[0]!r} has the name of an output column; rename it in the input")
     out = []
     for name in names:
-        if input_schema is not None and name in input_schema.names:
+        if input_schema is not None and name in input_schema.names and not _has_null(input_schema.field(name).type):
             out.append(pa.field(name, input_schema.field(name).type))
         else:
             out.append(pa.field(name, pa.string()))
     return out
+
+
+def infer_schema(rows: Iterable[Mapping[str, Any]]) -> pa.Schema:
+    """Column types of JSON rows, in first-seen column order: the type pyarrow infers from a
+    column's non-null values (ints -> int64, floats or ints with floats -> double, bool, string,
+    lists and structs as inferred); string when they share no type (3 and "a"), are all null, or
+    have a part pyarrow can only type as null (only empty lists)."""
+    values: dict[str, list[Any]] = {}
+    for row in rows:
+        for name, value in row.items():
+            column = values.setdefault(name, [])
+            if value is not None:
+                column.append(value)
+    fields = []
+    for name, column in values.items():
+        try:
+            typ = pa.array(column).type if column else pa.string()
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            typ = pa.string()
+        fields.append(pa.field(name, pa.string() if _has_null(typ) else typ))
+    return pa.schema(fields)
+
+
+def _has_null(typ: pa.DataType) -> bool:
+    return pa.types.is_null(typ) or any(_has_null(typ.field(i).type) for i in range(typ.num_fields))
 
 
 def output_schema(kept: Sequence[pa.Field] = ()) -> pa.Schema:

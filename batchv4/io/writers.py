@@ -22,13 +22,14 @@ import io
 import json
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchv4.errors import UserError
 from batchv4.io.openai_batch import write_openai_batch_output
 from batchv4.io.schema import ERROR_SCHEMA, output_schema, rows_to_table
 from batchv4.io.urls import first_line, get_fs, is_local, join, redact_url, write_atomic
@@ -83,9 +84,9 @@ def read_manifest(out_url: str, storage_options: dict[str, Any] | None = None) -
     try:
         manifest = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{redact_url(out_url)}/{MANIFEST} is not valid JSON: {first_line(e)}") from e
+        raise UserError(f"{redact_url(out_url)}/{MANIFEST} is not valid JSON: {first_line(e)}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{redact_url(out_url)}/{MANIFEST} is not a batchv4 output manifest")
+        raise UserError(f"{redact_url(out_url)}/{MANIFEST} is not a batchv4 output manifest")
     return manifest
 
 
@@ -152,10 +153,7 @@ class PartWriter:
             write_atomic(self._fs, join(self._fs, self._path, name), data)
         except OSError as e:
             raise OSError(f"cannot write {redact_url(self.out_url)}/{name}: {first_line(e)}") from e
-        ids = [i for i in table.column("id").to_pylist() if i is not None]
-        entry = {"file": name, "rows": table.num_rows, "ids": len(set(ids)), "bytes": len(data)}
-        if ids:
-            entry["first_id"], entry["last_id"] = ids[0], ids[-1]
+        entry = {"file": name, **_entry_stats(table, len(data))}
         # Only now, with the part complete under its final name, may the manifest list it.
         self.manifest[kind].append(entry)
         self._next[kind] += 1
@@ -163,6 +161,38 @@ class PartWriter:
         if self._unlisted * MANIFEST_EVERY >= len(self.manifest["parts"]) + len(self.manifest["error_parts"]):
             self._write_manifest()
         return name
+
+    def drop_rows(self, kind: str, key_columns: Sequence[str], drop: Callable[[tuple], bool]) -> int:
+        """Remove from the listed parts of `kind` ("parts" or "error_parts") every row whose
+        `key_columns` values satisfy `drop`; returns the rows removed. Each changed part is
+        rewritten atomically under its own name (or delisted and deleted when nothing is left),
+        and the manifest is rewritten after each, so a crash midway leaves a consistent folder."""
+        removed = 0
+        for entry in list(self.manifest[kind]):
+            path = join(self._fs, self._path, entry["file"])
+            try:
+                with self._fs.open(path, "rb") as f:
+                    keys = pq.read_table(f, columns=list(key_columns)).to_pylist()
+            except (OSError, pa.ArrowException) as e:
+                raise OSError(f"cannot read {redact_url(self.out_url)}/{entry['file']}: {first_line(e)}") from e
+            mask = [drop(tuple(k[c] for c in key_columns)) for k in keys]
+            if not any(mask):
+                continue
+            removed += sum(mask)
+            if all(mask):
+                self.manifest[kind].remove(entry)
+                self._write_manifest()
+                self._fs.rm_file(path)
+                continue
+            with self._fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            table = table.filter(pa.array([not m for m in mask]))
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd")
+            write_atomic(self._fs, path, buf.getvalue())
+            entry.update(_entry_stats(table, len(buf.getvalue())))
+            self._write_manifest()
+        return removed
 
     def flush(self) -> None:
         """List every part written so far in the manifest (writes it even when there is none)."""
@@ -178,6 +208,14 @@ class PartWriter:
             write_atomic(self._fs, join(self._fs, self._path, MANIFEST), data)
         except OSError as e:
             raise OSError(f"cannot write {redact_url(self.out_url)}/{MANIFEST}: {first_line(e)}") from e
+
+
+def _entry_stats(table: pa.Table, nbytes: int) -> dict[str, Any]:
+    ids = [i for i in table.column("id").to_pylist() if i is not None]
+    entry: dict[str, Any] = {"rows": table.num_rows, "ids": len(set(ids)), "bytes": nbytes}
+    if ids:
+        entry["first_id"], entry["last_id"] = ids[0], ids[-1]
+    return entry
 
 
 def _iter_listed(
@@ -207,7 +245,7 @@ def _read_listed(
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
-        raise ValueError(f"the parts of {redact_url(out_url)} have incompatible schemas: {first_line(e)}") from e
+        raise UserError(f"the parts of {redact_url(out_url)} have incompatible schemas: {first_line(e)}") from e
 
 
 def iter_output_rows(

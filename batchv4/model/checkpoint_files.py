@@ -10,6 +10,7 @@ never through pickle.
 from __future__ import annotations
 
 import glob
+
 import json
 import os
 from collections import OrderedDict
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from batchv4.errors import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1, "BF16": 2,
                "F16": 2, "I16": 2, "U16": 2, "F32": 4, "I32": 4, "U32": 4, "F64": 8, "I64": 8, "U64": 8}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded into the model; the message names the tensors or file."""
 
 

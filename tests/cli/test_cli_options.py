@@ -57,8 +57,8 @@ def test_shards_partition_the_rows(tmp_path, capsys, fast_engine):
     # the estimate cuts the same shards
     est = [json.loads(CliRunner().invoke(cli, ["estimate", src, "--shard", f"{i}/2", "--json"]).output)
            for i in range(2)]
-    assert [e["input"]["rows"] for e in est] == [len(ids0), len(ids1)]
-    assert [e["input"]["error_rows"] for e in est] == [len(err0), len(err1)]
+    assert [e["rows"] for e in est] == [len(ids0), len(ids1)]
+    assert [e["error_rows"] for e in est] == [len(err0), len(err1)]
 
 
 def test_thinking_fills_reasoning(tmp_path, capsys, fast_engine):
@@ -103,8 +103,8 @@ def test_estimate_counts_equal_the_tokenizer(tmp_path):
     convs = [[{"role": "system", "content": "Be terse."}, {"role": "user", "content": x["q"]}] for x in rows[:3]]
     want = sum(len(ids) for ids in tok.chat_token_ids(convs, True))
     assert est["tokens"]["prompt_tokens"] == 2 * want
-    assert est["input"] == {"input_rows": 4, "error_rows": 1, "rows": 3}
-    assert 0 < est["tokens"]["engine_hit_tokens"] - want <= est["tokens"]["prompt_tokens"]  # shared prefix + n
+    assert (est["input_rows"], est["error_rows"], est["rows"], est["output_rows"]) == (4, 1, 3, 6)
+    assert 0 < est["tokens"]["engine_cache_hit_tokens"] - want <= est["tokens"]["prompt_tokens"]  # shared prefix + n
     # OpenAI batch: each body's own thinking setting
     batch = [{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "Hi"}],
                                          "thinking": {"type": "enabled"}}},
@@ -125,7 +125,7 @@ def test_estimate_does_not_import_torch(tmp_path):
             "try:\n    main()\nfinally:\n    assert 'torch' not in sys.modules, 'torch was imported'") % src
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["input"]["rows"] == 1
+    assert json.loads(p.stdout)["rows"] == 1
 
 
 @pytest.mark.parametrize("command", ["run", "estimate", "report"])
@@ -196,5 +196,6 @@ def test_estimate_predicts_the_cache_hits_the_run_gets(tmp_path, capsys, fast_en
     assert code == 0, err
     rows = read_outputs(out)
     assert sum(r["prompt_tokens"] for r in rows) == est["prompt_tokens"]
-    assert est["engine_hit_tokens"] > 0
-    assert sum(r["prompt_cache_hit_tokens"] for r in rows) == est["engine_hit_tokens"]
+    assert est["engine_cache_hit_tokens"] > 0
+    assert sum(r["prompt_cache_hit_tokens"] for r in rows) == est["engine_cache_hit_tokens"]
+    assert sum(r["api_cache_hit_tokens"] for r in rows) == est["api_cache_hit_tokens"]

@@ -143,7 +143,7 @@ def test_a_different_config_is_refused_unless_overwrite(tmp_path, capsys, fast_e
     assert run_main([*base, "--max-tokens", "4", "--overwrite"], capsys)[0] == 0 and len(fast_engine) == built + 1
     rows = read_outputs(str(out))
     assert len(rows) == 3 and all(r["completion_tokens"] <= 4 for r in rows)
-    assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", "part-00000.parquet", "part-00001.parquet",
+    assert sorted(os.listdir(out)) == ["_batchv4.json", "manifest.json", "notes.txt", "part-00000.parquet", "part-00001.parquet",
                                        "part-00002.parquet", "summary.json"]
     with open(out / "summary.json") as f:
         assert json.load(f)["config"]["max_tokens"] == 4

@@ -20,6 +20,7 @@ from cli_engines import (  # noqa: E402
     fix_clock,
     read_error_rows,
     read_outputs,
+    run_main,
     write_jsonl,
 )
 from s3_server import moto_endpoint, s3  # noqa: E402,F401  (fixtures)
@@ -49,7 +50,8 @@ def calc_price_usd(row, card_name="deepseek-v4-flash", when=None):
     from batchv4.accounting.cards import get_card
 
     card = get_card(card_name)  # only for the model ref and provider
-    usage = Usage(input_tokens=row["prompt_tokens"], cache_read_tokens=row["prompt_cache_hit_tokens"],
+    # cost_usd is priced with the API's cache hits, not the engine's
+    usage = Usage(input_tokens=row["prompt_tokens"], cache_read_tokens=row["api_cache_hit_tokens"],
                   output_tokens=row["completion_tokens"])
     return float(calc_price(usage, card.model_ref, provider_id=card.provider_id,
                             genai_request_timestamp=when or row["finished_at"]).total_price)
@@ -59,8 +61,8 @@ def check_summary(out, rows, errors, storage_options=None):
     fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
     s = json.loads(fs.cat_file(path.rstrip("/") + "/summary.json"))
     t = s["totals"]
-    for k in ("prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens",
-              "reasoning_tokens"):
+    for k in ("prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "api_cache_hit_tokens",
+              "completion_tokens", "reasoning_tokens"):
         assert t[k] == sum(r[k] for r in rows), k
     assert t["rows"] == s["counts"]["output_rows"] == len(rows)
     assert s["counts"]["error_rows"] == len(errors)
@@ -173,8 +175,8 @@ def test_openai_batch_in_and_out(tmp_path, monkeypatch, fast_engine):
     assert by["a", 0]["completion_tokens"] <= 2 and by["b", 0]["completion_tokens"] <= 3
     assert by["a", 0]["reasoning"] is None and by["d", 0]["reasoning"] is not None  # body's thinking wins
     for r in rows:   # a private card: plain arithmetic, and engine seconds x the GPU-hour price
-        want = (r["prompt_cache_miss_tokens"] * 1.0 + r["prompt_cache_hit_tokens"] * 0.1
-                + r["completion_tokens"] * 2.0) / 1e6
+        hit = r["api_cache_hit_tokens"]     # priced with the API's hits
+        want = ((r["prompt_tokens"] - hit) * 1.0 + hit * 0.1 + r["completion_tokens"] * 2.0) / 1e6
         assert r["cost_usd"] == pytest.approx(want, rel=1e-12)
         assert r["engine_seconds"] > 0 and r["cost_usd_self_hosted"] == pytest.approx(r["engine_seconds"] / 1000)
     s = check_summary(out, rows, errors)
@@ -187,19 +189,27 @@ def test_openai_batch_in_and_out(tmp_path, monkeypatch, fast_engine):
     b = ok["b"]["response"]["body"]
     assert [c["index"] for c in b["choices"]] == [0, 1]
     assert b["usage"]["completion_tokens"] == by["b", 0]["completion_tokens"] + by["b", 1]["completion_tokens"]
-    assert b["usage"]["prompt_tokens"] == by["b", 0]["prompt_tokens"] * 2
+    # usage once per request, as OpenAI's batch output has it: the prompt counts once for n samples
+    assert b["usage"]["prompt_tokens"] == by["b", 0]["prompt_tokens"]
+    assert len({x["id"] for x in res}) == len(res)
     assert ok["a"]["response"]["body"]["choices"][0]["message"]["content"] == by["a", 0]["output"]
     failed = {x["custom_id"]: x["error"]["message"] for x in res if x["error"] is not None}
     assert "/v1/embeddings" in failed["c"] and "reasoning_effort" in failed["e"]
 
 
-def test_memory_fs_in_and_out(monkeypatch, fast_engine):
+def test_memory_fs_in_and_out(monkeypatch, fast_engine, capsys):
+    """memory:// works through the library; the CLI refuses it as an output (it ends with the process)."""
+    from batchv4.pipelines.run import RunConfig, run
+
     fix_clock(monkeypatch, WEEKDAY_PEAK)
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/cli-test/in.jsonl", b"".join(json.dumps({"prompt": DOC + q}).encode() + b"\n"
                                                 for q in QUESTIONS) + b'{"prompt": null}\n')
     try:
-        invoke(["memory://cli-test/in.jsonl", "-o", "memory://cli-test/out", "--max-tokens", "2"])
+        code, _, err = run_main(["run", "memory://cli-test/in.jsonl", "-o", "memory://cli-test/out", "--quiet"], capsys)
+        assert code == 1 and "memory:// storage ends with this process" in err and err.count("\n") == 1
+        assert not fs.exists("/cli-test/out")
+        run(RunConfig(input="memory://cli-test/in.jsonl", output="memory://cli-test/out", max_tokens=2, quiet=True))
         rows, errors = read_outputs("memory://cli-test/out"), read_error_rows("memory://cli-test/out")
         assert sorted(r["id"] for r in rows) == ["0", "1", "2", "3"] and [e["row_index"] for e in errors] == [4]
         check_summary("memory://cli-test/out", rows, errors)
@@ -225,7 +235,7 @@ def test_s3_in_and_out(s3, monkeypatch, fast_engine):
     assert s["config"]["messages_column"] == "messages"
     assert all(r["cost_usd"] == pytest.approx(calc_price_usd(r), rel=1e-12) for r in rows)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(out, refresh=True))
-    assert names == ["manifest.json", "part-00000.parquet", "summary.json"]
+    assert names == ["_batchv4.json", "manifest.json", "part-00000.parquet", "summary.json"]
     rep = CliRunner().invoke(cli, ["report", out, "--json"])
     assert rep.exit_code == 0, rep.output
     assert json.loads(rep.output)["counts"]["output_rows"] == 2

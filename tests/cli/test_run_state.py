@@ -29,10 +29,27 @@ def test_seen_marks_duplicates_including_lone_surrogates():
 def test_done_sets_from_an_earlier_invocation():
     with RunState() as st:
         st.add_done([("r1", "h1"), ("r2", "h2"), ("r1", "h1")])
-        st.add_done_errors([3, 7])
+        st.add_done_errors([(3, "k3"), (7, "k7")])
         assert st.is_done("r1", "h1") and st.is_done("r2", "h2")
         assert not st.is_done("r1", "h2") and not st.is_done("r3", "h1")   # new content: generate again
-        assert st.is_done_error(7) and not st.is_done_error(4)
+        assert st.is_done_error(7, "k7") and not st.is_done_error(4, "k7") and not st.is_done_error(3, "other")
+
+
+def test_stale_rows_are_what_was_read_with_other_content():
+    with RunState() as st:
+        st.add_done([("a", "h1"), ("b", "h2"), ("c", "h3"), ("d", "h4")])
+        st.add_done_errors([(5, "k5"), (6, "k6"), (9, "k9")])
+        for i in ("a", "b", "c"):
+            st.seen(i)
+        assert st.is_done("a", "h1") and not st.is_done("b", "changed")   # b was edited; c became an error
+        assert st.is_done_error(5, "k5") and not st.is_done_error(6, "edited")
+        # read up to row 8 (a --limit): d was not read, row 9 not reached: both stay
+        assert st.stale(False, 8) == (2, 1)
+        assert st.is_stale("b", "h2") and st.is_stale("c", "h3") and not st.is_stale("a", "h1")
+        assert not st.is_stale("d", "h4") and st.is_stale_error(6, "k6") and not st.is_stale_error(9, "k9")
+        # the whole input was read: what it no longer holds is stale too
+        assert st.stale(True, 8) == (3, 2)
+        assert st.is_stale("d", "h4") and st.is_stale_error(9, "k9")
 
 
 def test_records_round_trip_with_typed_kept_values():
@@ -45,8 +62,10 @@ def test_records_round_trip_with_typed_kept_values():
          "amount": decimal.Decimal("12.34"), "blob": b"\x00\xff", "tags": [{"k": "a", "v": 1}], "note": "x"},
         {"ts": None, "day": None, "amount": None, "blob": None, "tags": None, "note": None},
     ]
+    from batchv4.engine.sampling_params import SamplingParams
+
     rows = [(RowRequest(i, f"id{i}", [{"role": "user", "content": f"q{i} \ud800"}], {"temperature": 0.5}, k, f"h{i}"),
-             {"temperature": 0.5}, bool(i)) for i, k in enumerate(keeps)]
+             SamplingParams(temperature=0.5, stop=["x"], n=i + 1), bool(i)) for i, k in enumerate(keeps)]
     with RunState(kept) as st:
         folder = st.dir
         st.put(rows)
@@ -59,9 +78,11 @@ def test_records_round_trip_with_typed_kept_values():
 
 def test_records_without_kept_columns():
     with RunState() as st:
+        from batchv4.engine.sampling_params import SamplingParams
+
         req = RowRequest(5, "only", [{"role": "user", "content": "hi"}], {}, {}, "h")
-        st.put([(req, {}, False)])
-        assert st.get("only") == (req, {}, False)
+        st.put([(req, SamplingParams(), False)])
+        assert st.get("only") == (req, SamplingParams(), False)
 
 
 class EchoEngine:
@@ -127,7 +148,7 @@ def test_run_memory_does_not_grow_with_the_input(tmp_path, monkeypatch):
     assert big < 1.3 * small, (small, big)
     rows = read_outputs(str(tmp_path / "out-1600"))
     assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(1600))
-    assert {r["id"]: r["tag"] for r in rows} == {f"r{i}": str(i) for i in range(1600)}
+    assert {r["id"]: r["tag"] for r in rows} == {f"r{i}": i for i in range(1600)}   # JSONL ints stay ints
 
 
 def test_parquet_kept_values_keep_their_types(tmp_path, monkeypatch):

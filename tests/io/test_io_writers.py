@@ -166,15 +166,22 @@ def test_openai_batch_output(tmp_path):
         (1, "second", "length"),
     ]
     assert body["choices"][0]["message"]["reasoning_content"] == "because"
+    # one request, one usage: its prompt once (the n samples share it), completions summed
     assert body["usage"] == {
-        "prompt_tokens": 20,
+        "prompt_tokens": 10,
         "completion_tokens": 10,
-        "total_tokens": 30,
-        "prompt_tokens_details": {"cached_tokens": 8},
+        "total_tokens": 20,
+        "prompt_tokens_details": {"cached_tokens": 4},
         "completion_tokens_details": {"reasoning_tokens": 4},
     }
     assert lines[1]["response"] is None and lines[1]["error"] == {"code": "server_error", "message": "engine failed"}
     assert lines[2]["error"] == {"code": "invalid_request", "message": "line 8: invalid JSON"}
+    # error lines without a custom_id (or repeating one) still get an id of their own
+    nameless = [{"id": None, "row_index": i, "error": "bad", "raw": "{"} for i in (3, 4)]
+    nameless.append({"id": "r0", "row_index": 5, "error": "duplicate id 'r0'", "raw": "{}"})
+    write_openai_batch_output(str(tmp_path), rows, nameless, model="m", filename="two.jsonl")
+    ids = [json.loads(x)["id"] for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 5
     # deterministic: writing again gives the same bytes
     first = (tmp_path / name).read_bytes()
     write_openai_batch_output(str(tmp_path), rows, errors, model="deepseek-v4-flash")

@@ -1,0 +1,98 @@
+"""The configuration of a `run` job: its options, the checks that need no input, and its fingerprint.
+
+Owns: `RunConfig` (the row options of `batchv4.pipelines.frontend.RowOptions` plus output, engine
+and cost options), `check_options` (everything that can fail before the input is opened) and the
+fingerprint that decides whether an output folder may be resumed. Does not own: reading rows, the
+folder itself (`batchv4.io.outdir`) or the job's flow (`pipelines.run`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from batchv4.errors import UserError
+from batchv4.pipelines.frontend import PLAIN_TEMPERATURE, RowOptions
+
+
+@dataclass(frozen=True)
+class RunConfig(RowOptions):
+    output: str = ""
+    kv_cache_memory: str = "512MiB"
+    kv_cache_dtype: str = "auto"
+    max_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    price: str = "deepseek-v4-flash"
+    prices_file: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    part_rows: int = 512
+    device: str = "cpu"
+
+    def fingerprint(self) -> str:
+        """What decides a row's output columns: model, prompt building, thinking, sampling, the
+        context limit, sharding, kept columns, the price card, and an fp8 cache (it runs the
+        activation simulation). Not: the input's location, `--limit`, engine sizing, part size."""
+        keys = ("model", "fmt", "prompt_column", "messages_column", "template", "system", "id_column",
+                "keep_columns", "thinking", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "shard",
+                "max_model_len", "price")
+        # the fp8 cache runs the activation simulation: other numbers, so another configuration
+        extra = {"kv_cache_dtype": self.kv_cache_dtype} if self.kv_cache_dtype != "auto" else {}
+        d = {k: getattr(self, k) for k in keys} | extra
+        d["stop"], d["keep_columns"] = list(self.stop), list(self.keep_columns)
+        d["shard"] = list(self.shard) if self.shard else None
+        if d["temperature"] is None and self.fmt != "openai":
+            # the default of prompt and messages rows, spelled as earlier versions recorded it
+            d["temperature"] = PLAIN_TEMPERATURE
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def public(self) -> dict:
+        """The configuration as recorded in the manifest and summary (URLs redacted)."""
+        from batchv4.io.urls import redact_url
+
+        d = asdict(self)
+        d.pop("storage_options")
+        d["input"], d["output"] = redact_url(self.input), redact_url(self.output)
+        return d
+
+
+def check_options(cfg: RunConfig) -> None:
+    """Everything that can be checked without reading the input (UserError naming the option)."""
+    from batchv4.config import ModelConfig
+    from batchv4.engine.llm import parse_bytes
+
+    if not cfg.output:
+        raise UserError("an output folder is required (-o OUT)")
+    for name in ("n", "max_tokens", "part_rows", "max_batched_tokens", "max_num_seqs", "read_batch_rows"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+    if cfg.max_model_len is not None and cfg.max_model_len < 2:
+        raise UserError(f"--max-model-len must be >= 2, got {cfg.max_model_len}")
+    if cfg.kv_cache_dtype not in ("auto", "fp8"):
+        raise UserError(f"--kv-cache-dtype must be auto or fp8, got {cfg.kv_cache_dtype!r}")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise UserError(f"--limit must be >= 0, got {cfg.limit}")
+    ModelConfig.load(cfg.model)
+    parse_bytes(cfg.kv_cache_memory)
+    check_device(cfg.device)
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has; UserError otherwise."""
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device torch knows (use cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: batchv4 runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
