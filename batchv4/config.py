@@ -1,8 +1,11 @@
 """ModelConfig: the DeepSeek-V4 hyper-parameters, read from presets, HF `config.json` or the official
 `inference/config.json`.
 
-Owns: field names, legacy-key folding, validation and refusal of non-V4 configs. Does not own: any
-torch code, weights, or cache sizing (see `batchv4.model.layout`). Never imports torch.
+Owns: field names, the two file dialects (told apart by what the file says it is: transformers'
+config.json names its `model_type` / `architectures`, DeepSeek's inference config uses the
+`ModelArgs` names `dim`, `n_layers`, ...), each layer's kind as the checkpoint's own config states
+it, validation, and refusal of non-V4 configs. Does not own: any torch code, weights, or cache
+sizing (see `batchv4.model.forward_batch`). Never imports torch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,18 @@ from typing import Any
 from batchv4.errors import UserError
 
 PRESET_NAMES = ("deepseek-v4-flash", "deepseek-v4-pro", "deepseek-v4-flash-4l", "tiny", "test")
+
+LAYER_KINDS = ("window", "csa", "hca")
+# transformers' `layer_types` names -> our kinds (the checkpoint writer writes the inverse)
+HF_LAYER_TYPES = {"sliding_attention": "window", "compressed_sparse_attention": "csa",
+                  "heavily_compressed_attention": "hca"}
+# DeepSeek's inference code derives a layer's kind from its ratio alone: 0 window-only, this value
+# CSA, any other HCA. Only configs without explicit kinds are read with that rule.
+OFFICIAL_CSA_RATIO = 4
+# transformers' default `compress_rates`, for HF configs that name kinds but no ratios
+_HF_DEFAULT_RATES = {"window": 0, "csa": 4, "hca": 128}
+# keys that identify DeepSeek's inference config (ModelArgs); our presets use the same names
+_OFFICIAL_KEYS = frozenset({"dim", "n_layers", "n_heads", "moe_inter_dim"})
 
 
 class ConfigError(UserError):
@@ -35,10 +50,13 @@ class ModelConfig:
     q_lora_rank: int = 1024
     o_groups: int = 8
     o_lora_rank: int = 1024
-    # attention schedule: one ratio per main layer (0 window-only, 4 CSA, other > 0 HCA)
+    # attention schedule, one entry per main layer: its kind ("window", "csa" or "hca") and its
+    # compression ratio (tokens per compressed entry, 0 for window-only layers). Either may be
+    # left empty: kinds are then derived from ratios by the official rule, ratios from kinds by
+    # transformers' defaults (CSA 4, HCA 128); both empty gives transformers' default schedule.
     window_size: int = 128
     compress_ratios: tuple[int, ...] = ()
-    csa_ratio: int = 4
+    layer_kinds: tuple[str, ...] = ()
     # lightning indexer
     index_n_heads: int = 64
     index_head_dim: int = 128
@@ -78,9 +96,16 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.compress_ratios:
-            object.__setattr__(self, "compress_ratios", _default_ratios(self.n_layers))
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        kinds = tuple(str(k) for k in self.layer_kinds)
+        ratios = tuple(int(r) for r in self.compress_ratios)
+        if not kinds and not ratios:
+            kinds = _default_kinds(self.n_layers)
+        if not ratios:
+            ratios = tuple(_HF_DEFAULT_RATES.get(k, -1) for k in kinds)
+        if not kinds:
+            kinds = kinds_from_ratios(ratios)
+        object.__setattr__(self, "compress_ratios", ratios)
+        object.__setattr__(self, "layer_kinds", kinds)
         self.validate()
 
     # ---- derived ----------------------------------------------------------------------------
@@ -90,25 +115,24 @@ class ModelConfig:
 
     def layer_kind(self, i: int) -> str:
         """'window', 'csa' or 'hca' for main layer i."""
-        r = self.compress_ratios[i]
-        if r == 0:
-            return "window"
-        return "csa" if r == self.csa_ratio else "hca"
+        return self.layer_kinds[i]
 
     def is_hash_layer(self, i: int) -> bool:
         return i < self.n_hash_layers
 
-    @property
-    def hca_ratios(self) -> tuple[int, ...]:
-        return tuple(sorted({r for r in self.compress_ratios if r and r != self.csa_ratio}))
+    def ratios_of(self, kind: str) -> tuple[int, ...]:
+        """The distinct compression ratios of the main layers of `kind`, ascending."""
+        return tuple(sorted({r for r, k in zip(self.compress_ratios, self.layer_kinds) if k == kind}))
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
+        """Our own form: the official `ModelArgs` names plus our fields; `from_dict` reads it back."""
         d = dataclasses.asdict(self)
         d.pop("extra")
         d["compress_ratios"] = list(self.compress_ratios)
+        d["layer_kinds"] = list(self.layer_kinds)
         return d
 
     def fingerprint_dict(self) -> dict:
@@ -124,8 +148,17 @@ class ModelConfig:
 
         need(len(self.compress_ratios) == self.n_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for {self.n_layers} layers")
-        need(all(r >= 0 for r in self.compress_ratios), "compress_ratios must be >= 0")
-        need(self.csa_ratio == 4, "the CSA compressor needs ratio 4 (overlapping windows are keyed on it)")
+        need(len(self.layer_kinds) == self.n_layers,
+             f"layer_kinds has {len(self.layer_kinds)} entries for {self.n_layers} layers")
+        bad = sorted({k for k in self.layer_kinds if k not in LAYER_KINDS})
+        need(not bad, f"unknown layer kinds {bad} (each layer is 'window', 'csa' or 'hca')")
+        for i, (kind, r) in enumerate(zip(self.layer_kinds, self.compress_ratios)):
+            # the CSA overlap, the indexer and HCA pooling work for any ratio >= 1 (the pooling and
+            # visibility math is written in terms of the ratio), so only the pairing is checked
+            need(r >= 0, f"layer {i}: compress ratio {r} must be >= 0")
+            need((kind == "window") == (r == 0),
+                 f"layer {i} is a {kind} layer with compress ratio {r}: window-only layers have "
+                 f"ratio 0, csa and hca layers a ratio >= 1")
         need(self.head_dim > self.rope_head_dim > 0 and self.rope_head_dim % 2 == 0,
              "rope_head_dim must be even and smaller than head_dim")
         need(self.n_heads % self.o_groups == 0, "n_heads must be a multiple of o_groups")
@@ -147,7 +180,7 @@ class ModelConfig:
         if "text_config" in d:
             raise ConfigError("multimodal configs (text_config) are not DeepSeek-V4; batchv4 runs model_type deepseek_v4")
         n = int(d.get("num_hidden_layers", 43))
-        ratios, n_extra = _hf_ratios(d, n)
+        ratios, kinds, n_extra = _hf_schedule(d, n)
         rope = d.get("rope_scaling") or {}
         rp = d.get("rope_parameters") or {}
         if isinstance(rp.get("compress"), dict):
@@ -166,7 +199,6 @@ class ModelConfig:
             n_hash = sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
         else:
             n_hash = 3
-        csa = int((d.get("compress_rates") or {}).get("compressed_sparse_attention", d.get("compress_rate_csa", 4)))
         q = d.get("quantization_config") or {}
         weight_dtype = "fp8" if str(q.get("fmt", q.get("quant_method", ""))).startswith(("e4m3", "fp8")) else "bf16"
         expert_dtype = d.get("expert_dtype", q.get("expert_dtype"))
@@ -187,7 +219,7 @@ class ModelConfig:
             o_lora_rank=int(d.get("o_lora_rank", 1024)),
             window_size=int(d.get("sliding_window", 128)),
             compress_ratios=tuple(ratios),
-            csa_ratio=csa,
+            layer_kinds=tuple(kinds),
             index_n_heads=int(d.get("index_n_heads", 64)),
             index_head_dim=int(d.get("index_head_dim", 128)),
             index_topk=int(d.get("index_topk", 512)),
@@ -222,69 +254,43 @@ class ModelConfig:
 
     @classmethod
     def from_official_dict(cls, d: dict, name: str = "custom") -> "ModelConfig":
+        """DeepSeek's `inference/config.json` (ModelArgs names), and our own `to_dict` form, which
+        uses the same names plus our fields. Keys neither knows are ignored, as the reference does
+        with the serving options (max_batch_size, ...) such files carry."""
         n = int(d["n_layers"])
-        ratios = list(d.get("compress_ratios") or _default_ratios(n))
-        n_extra = len(ratios) - n
-        dtype = d.get("dtype", "bf16")
-        return cls(
-            vocab_size=int(d.get("vocab_size", 129280)),
-            dim=int(d["dim"]),
-            n_layers=n,
-            n_heads=int(d["n_heads"]),
-            head_dim=int(d.get("head_dim", 512)),
-            rope_head_dim=int(d.get("rope_head_dim", 64)),
-            q_lora_rank=int(d["q_lora_rank"]),
-            o_groups=int(d["o_groups"]),
-            o_lora_rank=int(d["o_lora_rank"]),
-            window_size=int(d.get("window_size", 128)),
-            compress_ratios=tuple(ratios[:n]),
-            index_n_heads=int(d.get("index_n_heads", 64)),
-            index_head_dim=int(d.get("index_head_dim", 128)),
-            index_topk=int(d.get("index_topk", 512)),
-            n_routed_experts=int(d["n_routed_experts"]),
-            n_shared_experts=int(d.get("n_shared_experts", 1)),
-            n_activated_experts=int(d["n_activated_experts"]),
-            moe_inter_dim=int(d["moe_inter_dim"]),
-            n_hash_layers=int(d.get("n_hash_layers", 0)),
-            score_func=str(d.get("score_func", "sqrtsoftplus")),
-            route_scale=float(d.get("route_scale", 1.0)),
-            swiglu_limit=float(d.get("swiglu_limit", 10.0)),
-            hc_mult=int(d.get("hc_mult", 4)),
-            hc_sinkhorn_iters=int(d.get("hc_sinkhorn_iters", 20)),
-            hc_eps=float(d.get("hc_eps", 1e-6)),
-            norm_eps=float(d.get("norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            compress_rope_theta=float(d.get("compress_rope_theta", 160000.0)),
-            rope_factor=float(d.get("rope_factor", 16.0)),
-            original_seq_len=int(d.get("original_seq_len", 65536)),
-            beta_fast=float(d.get("beta_fast", 32.0)),
-            beta_slow=float(d.get("beta_slow", 1.0)),
-            n_mtp_layers=0 if n_extra > 1 else int(d.get("n_mtp_layers", 1)),
-            weight_dtype="fp8" if dtype == "fp8" else "bf16",
-            expert_dtype=d.get("expert_dtype"),
-            scale_fmt=d.get("scale_fmt"),
-            name=name,
-            extra={"dspark": n_extra > 1, "mtp_entries": n_extra},
-        )
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d and f.name not in ("extra", "compress_ratios", "layer_kinds"):
+                cast = _CAST.get(str(f.type))
+                kw[f.name] = cast(d[f.name]) if cast is not None and d[f.name] is not None else d[f.name]
+        raw = [int(r) for r in d.get("compress_ratios") or ()]
+        n_extra = len(raw) - n if raw else 0   # the official list has one more entry per MTP block
+        kinds = tuple(d.get("layer_kinds") or ())
+        if not kinds and raw:
+            # `csa_ratio`: the rule's ratio in dicts from our earlier `to_dict`, which had that field
+            kinds = kinds_from_ratios(raw[:n], int(d.get("csa_ratio", OFFICIAL_CSA_RATIO)))
+        if "weight_dtype" not in d:
+            kw["weight_dtype"] = "fp8" if d.get("dtype", "bf16") == "fp8" else "bf16"
+        kw.setdefault("n_hash_layers", 0)     # ModelArgs' defaults where they differ from ours
+        kw.setdefault("route_scale", 1.0)
+        kw["n_mtp_layers"] = 0 if n_extra > 1 else int(d.get("n_mtp_layers", 1))
+        kw["name"] = str(d.get("name", name))
+        return cls(compress_ratios=tuple(raw[:n]), layer_kinds=kinds, extra={"dspark": n_extra > 1,
+                   "mtp_entries": n_extra}, **kw)
 
     @classmethod
     def from_dict(cls, d: dict, name: str = "custom") -> "ModelConfig":
-        """Any of the three dialects: our own `to_dict`, HF config.json, or official ModelArgs."""
-        if "model_type" in d or "hidden_size" in d:
+        """A transformers config.json (it names its model_type / architectures), or DeepSeek's
+        inference config and our own `to_dict` (ModelArgs names); anything else is refused."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config is a JSON object, got {type(d).__name__}")
+        if "model_type" in d or "architectures" in d:
             return cls.from_hf_dict(d, name=name)
-        if "n_layers" in d and "dim" in d and "moe_inter_dim" in d and "n_heads" in d and "nope_head_dim" not in d:
-            if "n_activated_experts" in d and "compress_ratios" in d and "route_scale" in d and "n_hash_layers" in d \
-                    and "name" not in d:
-                return cls.from_official_dict(d, name=name)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
-        kw = dict(d)
-        kw.setdefault("name", name)
-        if "compress_ratios" in kw:
-            kw["compress_ratios"] = tuple(kw["compress_ratios"])
-        return cls(**kw)
+        if _OFFICIAL_KEYS <= d.keys():
+            return cls.from_official_dict(d, name=name)
+        raise ConfigError("not a DeepSeek-V4 config: neither a transformers config.json (no model_type or "
+                          "architectures) nor DeepSeek's inference config (needs " + ", ".join(sorted(_OFFICIAL_KEYS))
+                          + ")")
 
     @classmethod
     def load(cls, name_or_path: str) -> "ModelConfig":
@@ -296,16 +302,27 @@ class ModelConfig:
         if os.path.isdir(p):
             for cand in ("config.json", os.path.join("inference", "config.json")):
                 if os.path.isfile(os.path.join(p, cand)):
-                    return cls.from_dict(_read_json(os.path.join(p, cand)), name=os.path.basename(p.rstrip("/")))
+                    return _from_file(cls, os.path.join(p, cand), os.path.basename(p.rstrip("/")))
             raise ConfigError(f"{p}: no config.json or inference/config.json in this directory")
         if os.path.isfile(p):
-            return cls.from_dict(_read_json(p), name=os.path.splitext(os.path.basename(p))[0])
+            return _from_file(cls, p, os.path.splitext(os.path.basename(p))[0])
         raise ConfigError(f"unknown model {name_or_path!r}: not a preset ({', '.join(PRESET_NAMES)}) "
                           f"and not a checkpoint directory or config file")
 
 
-_HF_LAYER_TYPES = {"sliding_attention": "window", "compressed_sparse_attention": "csa",
-                   "heavily_compressed_attention": "hca"}
+_CAST = {"int": int, "float": float, "str": str}
+
+
+def kinds_from_ratios(ratios, csa_ratio: int = OFFICIAL_CSA_RATIO) -> tuple[str, ...]:
+    """The official rule for configs that state only ratios: 0 window-only, `csa_ratio` CSA, else HCA."""
+    return tuple("window" if r == 0 else "csa" if r == csa_ratio else "hca" for r in ratios)
+
+
+def _from_file(cls, path: str, name: str) -> ModelConfig:
+    try:
+        return cls.from_dict(_read_json(path), name=name)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _refuse_non_v4(d: dict) -> None:
@@ -313,29 +330,47 @@ def _refuse_non_v4(d: dict) -> None:
     if mt is not None and mt != "deepseek_v4":
         hint = " (DeepSeek-V4.1 is a different architecture)" if str(mt).startswith("deepseek_v41") else ""
         raise ConfigError(f"model_type {mt!r} is not DeepSeek-V4{hint}; batchv4 runs model_type 'deepseek_v4'")
+    archs = d.get("architectures") or []
+    if mt is None and "DeepseekV4ForCausalLM" not in archs:
+        raise ConfigError(f"architectures {archs} is not DeepSeek-V4; batchv4 runs DeepseekV4ForCausalLM")
 
 
-def _hf_ratios(d: dict, n: int) -> tuple[list[int], int]:
-    if d.get("compress_ratios") is not None:
-        r = [int(x) for x in d["compress_ratios"]]
-        return r[:n], len(r) - n
-    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-    rates.update(d.get("compress_rates") or {})
-    if "compress_rate_hca" in d:
-        rates["heavily_compressed_attention"] = int(d["compress_rate_hca"])
+def _hf_schedule(d: dict, n: int) -> tuple[list[int], list[str], int]:
+    """(ratio per main layer, kind per main layer, entries of compress_ratios past the main layers).
+
+    Kinds come from `layer_types` when the file has them (transformers' rule), else from
+    `compress_ratios` by the official rule; ratios from `compress_ratios` when present (it also
+    counts the MTP / DSpark entries), else from the kinds and `compress_rates`."""
+    rates = dict(_HF_DEFAULT_RATES)
+    for hf, kind in HF_LAYER_TYPES.items():
+        if hf in (d.get("compress_rates") or {}):
+            rates[kind] = int(d["compress_rates"][hf])
+    for key, kind in (("compress_rate_csa", "csa"), ("compress_rate_hca", "hca")):
+        if key in d:
+            rates[kind] = int(d[key])
+    kinds = None
     if d.get("layer_types"):
-        out = []
-        for t in d["layer_types"][:n]:
-            if t not in _HF_LAYER_TYPES:
-                raise ConfigError(f"unknown layer type {t!r}")
-            out.append(0 if t == "sliding_attention" else int(rates[t]))
-        return out, 1
-    return list(_default_ratios(n)), 1
+        types = list(d["layer_types"])
+        if len(types) < n:
+            raise ConfigError(f"layer_types has {len(types)} entries for {n} layers")
+        for t in types[:n]:
+            if t not in HF_LAYER_TYPES:
+                raise ConfigError(f"unknown layer type {t!r} in layer_types ({', '.join(HF_LAYER_TYPES)})")
+        kinds = [HF_LAYER_TYPES[t] for t in types[:n]]
+    if d.get("compress_ratios") is not None:
+        raw = [int(x) for x in d["compress_ratios"]]
+        ratios, n_extra = raw[:n], len(raw) - n
+    else:
+        kinds = kinds if kinds is not None else list(_default_kinds(n))
+        ratios, n_extra = [rates[k] for k in kinds], 1
+    if kinds is None:
+        kinds = list(kinds_from_ratios(ratios, rates["csa"]))
+    return ratios, kinds, n_extra
 
 
-def _default_ratios(n: int) -> tuple[int, ...]:
-    # transformers' default schedule: two HCA layers, then CSA/HCA interleaved
-    return tuple([128] * min(n, 2) + [4 if (i - 2) % 2 else 128 for i in range(2, n)])
+def _default_kinds(n: int) -> tuple[str, ...]:
+    # transformers' default schedule: two HCA layers, then HCA/CSA interleaved
+    return tuple(["hca"] * min(n, 2) + ["hca" if (i - 2) % 2 == 0 else "csa" for i in range(2, n)])
 
 
 def _read_json(path: str) -> dict:
@@ -343,4 +378,4 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise ConfigError(f"not valid JSON ({e})") from None

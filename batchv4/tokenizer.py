@@ -124,8 +124,17 @@ def encode_chat(
     """The V4 prompt text for `messages`: BOS, the turns, and the generation suffix."""
     if reasoning_effort not in _REASONING_EFFORT_PROMPTS:
         raise UserError(f"reasoning_effort: expected None, 'high' or 'max', got {reasoning_effort!r}")
+    return _layout(normalize_messages(messages), thinking, reasoning_effort, drop_thinking)
+
+
+def _layout(normalized: list[dict[str, str]], thinking: bool, reasoning_effort: str | None,
+            drop_thinking: bool = True) -> str:
+    """`encode_chat` of messages that `normalize_messages` returned, and a known effort."""
+    if len(normalized) == 1 and not thinking:
+        # the common batch row, one user message (normalized, so it is one): the loop below gives this
+        return BOS_TOKEN + USER_TOKEN + normalized[0]["content"] + ASSISTANT_TOKEN + THINK_END
     msgs: list[dict[str, str]] = []
-    for m in normalize_messages(messages):
+    for m in normalized:
         # The official encoder merges consecutive user messages into one turn joined by a blank line.
         if m["role"] == "user" and msgs and msgs[-1]["role"] == "user":
             msgs[-1] = {"role": "user", "content": msgs[-1]["content"] + "\n\n" + m["content"]}
@@ -213,9 +222,11 @@ class V4Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        texts = list(texts)
+        return [e.ids for e in self._encodings(texts)]
+
+    def _encodings(self, texts: Sequence[str]) -> list[Any]:
         encode = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return encode(list(texts), add_special_tokens=False)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -230,9 +241,28 @@ class V4Tokenizer:
         conversations: Sequence[Sequence[Mapping[str, Any]]],
         thinking: bool,
         reasoning_effort: str | None = None,
+        normalized: bool = False,
     ) -> list[list[int]]:
-        """Prompt token ids for many conversations, encoded in one parallel batch."""
-        return self.encode_batch([encode_chat(m, thinking, reasoning_effort) for m in conversations])
+        """Prompt token ids for many conversations, encoded in one parallel batch. With `normalized`
+        the conversations are what `normalize_messages` returned (the row front-end's), so they are
+        not validated again."""
+        return [e.ids for e in self.chat_encodings(conversations, thinking, reasoning_effort, normalized)]
+
+    def chat_encodings(
+        self,
+        conversations: Sequence[Sequence[Mapping[str, Any]]],
+        thinking: bool,
+        reasoning_effort: str | None = None,
+        normalized: bool = False,
+    ) -> list[Any]:
+        """`chat_token_ids` as HF `Encoding`s, whose `.ids` are the token ids. Taking `.ids` builds
+        a Python list per row, holding the GIL; a caller that encodes in a worker thread takes
+        them in its own thread, beside the worker's next encode."""
+        if not normalized:
+            return self._encodings([encode_chat(m, thinking, reasoning_effort) for m in conversations])
+        if reasoning_effort not in _REASONING_EFFORT_PROMPTS:
+            raise UserError(f"reasoning_effort: expected None, 'high' or 'max', got {reasoning_effort!r}")
+        return self._encodings([_layout(m, thinking, reasoning_effort) for m in conversations])
 
 
 def load_tokenizer(path: str | None = None) -> V4Tokenizer:

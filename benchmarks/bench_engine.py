@@ -181,8 +181,8 @@ def part_memory(page_sizes=(16,)):
             worst = [0.0, 1.0]       # at the step where allocated page bytes peak
             orig = llm.runner.execute
 
-            def spy(plan, cache, _orig=orig):
-                out = _orig(plan, cache)
+            def spy(plan, _orig=orig):
+                out = _orig(plan)
                 alloc, v = paged_overhead(llm)
                 if alloc > worst[0]:
                     worst[:] = [alloc, v]

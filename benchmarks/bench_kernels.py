@@ -176,6 +176,18 @@ def gate(torch, dev, tiny: bool) -> list[tuple[str, bool, str]]:
     check("compressor hca", lambda: pool_case(False))
     check("compressor csa", lambda: pool_case(True))
 
+    def stats_case():
+        # what the model's streaming compressor runs: a chunk that starts inside a block
+        width, ratio, length, offset = (16, 4, 19, 3) if tiny else (1024, 4, 1000, 3)
+        a, g = torch.randn(length, width, device=dev), torch.randn(length, width, device=dev) * 3
+        out = compressor.block_stats(a, g, ratio, offset, use_triton=True)
+        ref = compressor.block_stats_ref(a, g, ratio, offset)
+        if not torch.equal(out[:, 0], ref[:, 0]):
+            return "block maxima differ from block_stats_ref"
+        return rel(out[:, 1:], ref[:, 1:], 1e-5)
+
+    check("compressor block_stats offset", stats_case)
+
     def mhc_case():
         t, n, d = (5, 4, 64) if tiny else (300, 4, 1024)
         x = torch.randn(t, n, d, device=dev, dtype=bf)
@@ -326,16 +338,18 @@ def build_cases(torch, dev, quick: bool, f: dict) -> list:
     def small_section():
         cases = []
         pd = f["pool_d"]
-        for overlap, ratio in ((True, 4), (False, f["hca_ratio"])):
-            c_ = 2 if overlap else 1
+        # the compressor's per-block accumulators (what the model runs per prefill chunk): CSA has
+        # 2d channels (two overlapping halves), HCA d
+        for kind, c_, ratio in (("csa", 2, 4), ("hca", 1, f["hca_ratio"])):
             for length in f["pool_lengths"]:
                 a = torch.randn(length, c_ * pd, device=dev)
                 g = torch.randn(length, c_ * pd, device=dev)
-                c = Case(f"compress_pool {'csa' if overlap else 'hca'}", f"L={length} ratio={ratio} d={pd}",
-                         4 * length * c_ * pd, 2 * length * c_ * pd * 4 + length // ratio * pd * 4, "fp32")
-                c.impls["triton"] = lambda a=a, g=g, r=ratio, o=overlap: compressor.compress_pool(a, g, r, o, use_triton=True)
-                c.impls["torch ref"] = lambda a=a, g=g, r=ratio, o=overlap: compressor.compress_pool_ref(a, g, r, o)
-                c.impls["torch.compile(ref)"] = ("compile", compressor.compress_pool_ref, (a, g, ratio, overlap))
+                nblk = -(-length // ratio)
+                c = Case(f"block_stats {kind}", f"L={length} ratio={ratio} C={c_ * pd}",
+                         4 * length * c_ * pd, 2 * length * c_ * pd * 4 + nblk * 3 * c_ * pd * 4, "fp32")
+                c.impls["triton"] = lambda a=a, g=g, r=ratio: compressor.block_stats(a, g, r, 0, use_triton=True)
+                c.impls["torch ref"] = lambda a=a, g=g, r=ratio: compressor.block_stats_ref(a, g, r, 0)
+                c.impls["torch.compile(ref)"] = ("compile", compressor.block_stats_ref, (a, g, ratio, 0))
                 cases.append(c)
         n, d = f["hc"], f["hidden"]
         fn = torch.randn(n * (n + 2), n * d, device=dev) / (n * d) ** 0.5

@@ -1,11 +1,18 @@
-"""Prefill throughput of the packed forward, as achieved GFLOP/s against a plain torch.matmul of
-the same dtype measured in the same run, with transformers' forward on the same weights beside it.
+"""The model's speed: prefill throughput of the packed forward, and how long a seeded build takes.
 
-    python benchmarks/bench_model.py [--reps 3]
+    python benchmarks/bench_model.py [--part forward|build|all] [--reps 3]
 
-FLOPs are counted by torch's FlopCounterMode on one forward (the matmuls and einsums the model
-really runs), then the forward is timed without the counter. Ratios, not absolute times, are the
-result: this machine is shared and noisy.
+forward: achieved GFLOP/s against a plain torch.matmul of the same dtype measured in the same run,
+with transformers' forward on the same weights beside it. FLOPs are counted by torch's
+FlopCounterMode on one forward (the matmuls and einsums the model really runs), then the forward is
+timed without the counter. Both sides do the same work: the whole prefill, and logits only at the
+last position of each sequence (ours through `ForwardBatch.logits_indices`, transformers' through
+`logits_to_keep=1`); a full-vocabulary head at every position would dominate the tiny preset.
+build: the seeded random build of the tiny preset, median of `--build-reps` (default 5): the
+previous init (one generator over all tensors, float32 temporaries, a randperm per routing-table
+row; kept below as `init_random_before`) against `init_random` and `Transformer.random`, and a
+whole `LLM("tiny")` with each.
+Ratios, not absolute times, are the result: this machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -76,18 +83,70 @@ def bench(cfg: ModelConfig, seqs: int, seq_len: int, reps: int, dtype, with_hf: 
         model.to(dtype)
 
         def theirs():
+            # the same work as ours: the whole prefill, logits at each sequence's last position
             with torch.no_grad():
-                return hf(ids).logits
+                return hf(ids, logits_to_keep=1).logits                       # [seqs, 1, V]
 
         res["transformers_s"] = median_time(theirs, reps)
         res["speedup_vs_transformers"] = res["transformers_s"] / t_ours
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
+@torch.no_grad()
+def init_random_before(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
+    """`Transformer.init_random` as it was, for the before/after figure: one generator drawn in
+    parameter order, float32 temporaries copied in, a randperm per routing-table row."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(("_base", "attn_sink", ".bias", "ape")):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        elif name.endswith("_scale") or "norm" in name:
+            p.copy_(torch.ones(p.shape) + torch.randn(p.shape, generator=g) * 0.1)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    for name, b in model.named_buffers():
+        if name.endswith("tid2eid"):
+            E = model.cfg.n_routed_experts
+            b.copy_(torch.stack([torch.randperm(E, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]))
+    return model
+
+
+def bench_build(reps: int) -> None:
+    from batchv4.engine.llm import LLM
+
+    cfg = ModelConfig.load("tiny")
+
+    def med(fn) -> float:
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    before = med(lambda: init_random_before(Transformer(cfg), 0))
+    after = med(lambda: Transformer(cfg).init_random(0))
+    direct = med(lambda: Transformer.random(cfg, 0))
+    llm_after = med(lambda: LLM("tiny"))
+    new_random = Transformer.random
+    # the engine's previous build of a preset: float32 init, then a conversion to (device, dtype)
+    Transformer.random = classmethod(lambda cls, c, seed=0, layers=None, *, dtype=torch.float32, device="cpu",
+                                     std=0.02, **b: init_random_before(cls(c, layers, **b), seed, std).to(device, dtype))
+    try:
+        llm_before = med(lambda: LLM("tiny"))
+    finally:
+        Transformer.random = new_random
+    print(f"seeded build of the tiny preset ({sum(p.numel() for p in Transformer(cfg).parameters()) / 1e6:.1f} M "
+          f"parameters), median of {reps}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| what | before s | after s | speedup |")
+    print("|---|---|---|---|")
+    print(f"| Transformer(cfg).init_random(0) | {before:.2f} | {after:.2f} | {before / after:.1f}x |")
+    print(f"| Transformer.random(cfg, 0) | {before:.2f} | {direct:.2f} | {before / direct:.1f}x |")
+    print(f"| LLM(\"tiny\") (tokenizer, 512 MiB of cache pools included) | {llm_before:.2f} | {llm_after:.2f} | "
+          f"{llm_before / llm_after:.1f}x |", flush=True)
+
+
+def bench_forward(reps: int) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -96,13 +155,27 @@ def main() -> None:
         (ModelConfig(**WIDE), 2, 512, torch.float32, True),
         (ModelConfig(**WIDE), 2, 512, torch.bfloat16, False),
     ]
+    print("prefill of `tokens` in `tokens / seqs`-token sequences; logits at each sequence's last position "
+          "(ours: logits_indices, transformers: logits_to_keep=1)")
     print("| config | dtype | tokens | GFLOP | ours GFLOP/s | matmul GFLOP/s | fraction | vs transformers |")
     print("|---|---|---|---|---|---|---|---|")
     for cfg, seqs, n, dt, hf in runs:
-        r = bench(cfg, seqs, n, args.reps, dt, hf)
+        r = bench(cfg, seqs, n, reps, dt, hf)
         vs = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else "-"
         print(f"| {r['config']} | {r['dtype']} | {r['tokens']} | {r['gflop']:.1f} | {r['ours_gflops']:.1f} | "
               f"{r['matmul_gflops']:.1f} | {r['fraction_of_matmul']:.0%} | {vs} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("forward", "build", "all"), default="all")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--build-reps", type=int, default=5)
+    args = ap.parse_args()
+    if args.part in ("build", "all"):
+        bench_build(args.build_reps)
+    if args.part in ("forward", "all"):
+        bench_forward(args.reps)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ class EstimateConfig(RowOptions):
     output_tokens: tuple[int, int, int] | None = None     # low, expected, high per row
     price: str = "deepseek-v4-flash"
     prices_file: str | None = None
-    read_batch_rows: int = 4096
+    # small batches: the first is built, and the last planned, while the tokenizer waits
+    read_batch_rows: int = 1024
 
 
 def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
     from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.accounting.summary import Totals, cheapest_window, compare_cards, price_totals
-    from batchv4.packing import PackConfig, PackInput, PlanStats, plan
+    from batchv4.packing import PackConfig, PackInput, PlanStats, plan_counts
     from batchv4.pipelines.frontend import Frontend, options_of
     from batchv4.pipelines.run_state import RunState
 
@@ -52,22 +53,33 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
     # sums over rows (x n samples): prompt, engine hits, API hits, output tokens low/expected/high
     prompt = engine_hit = api_hit = samples = 0
     out = [0, 0, 0]
+    ranges: dict[int, tuple[int, int, int]] = {}      # per max_tokens: rows share a few
     with RunState() as state:
-        def items():
-            for batch in fe.batches(state.seen, on_error, counts, timings):
-                for r in batch:
-                    yield PackInput((r.req.index, r.sampling.n, r.sampling.max_tokens), r.token_ids)
+        keys: dict[tuple[int, int], tuple[int, int]] = {}
 
-        for pr in plan(items(), stats=stats, spill_dir=state.dir):
-            _, n, max_tokens = pr.key
-            length = len(pr.token_ids)
+        def items():
+            for batch in fe.batches(state.seen, on_error, counts, timings, seen_many=state.seen_many):
+                for r in batch:
+                    key = (r.sampling.n, r.sampling.max_tokens)
+                    # one key object per (n, max_tokens), and the rows freed before the next batch
+                    # is built: fewer live objects make the cyclic GC's passes fewer and shorter
+                    yield PackInput(keys.setdefault(key, key), r.token_ids)
+                del batch
+
+        # plan_counts: the run's plan, without the requests the estimate does not need
+        for (n, max_tokens), length, resume_pos, api_hit_tokens in plan_counts(items(), stats=stats,
+                                                                              spill_dir=state.dir):
             samples += n
             prompt += length * n
             # later samples of a prompt: the engine serves all of it from its cache, an API its whole units
-            engine_hit += pr.resume_pos + (n - 1) * length
-            api_hit += pr.api_hit_tokens + (n - 1) * (length - length % unit)
-            for i, v in enumerate(_output_range(cfg.output_tokens, max_tokens)):
-                out[i] += v * n
+            engine_hit += resume_pos + (n - 1) * length
+            api_hit += api_hit_tokens + (n - 1) * (length - length % unit)
+            low_exp_high = ranges.get(max_tokens)
+            if low_exp_high is None:
+                low_exp_high = ranges[max_tokens] = _output_range(cfg.output_tokens, max_tokens)
+            out[0] += low_exp_high[0] * n
+            out[1] += low_exp_high[1] * n
+            out[2] += low_exp_high[2] * n
 
     def totals(completion: int) -> Totals:
         return Totals(rows=samples, prompt_tokens=prompt, prompt_cache_hit_tokens=api_hit,
@@ -101,8 +113,10 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
         "compare": [{"card": q.card, "label": q.label, "window": q.window, "at": q.at.isoformat(),
                      "cost_usd": q.cost_usd, "approximate": q.approximate}
                     for q in compare_cards(api["expected"], now, private=private)],
+        # read_build and tokenize: this thread's seconds in each; tokenize_stage: the tokenizer
+        # worker's, which overlap reading and planning (see Frontend.batches)
         "seconds": {"total": time.perf_counter() - t0, "tokenize": timings.get("tokenize", 0.0),
-                    "read_build": timings.get("read_build", 0.0)},
+                    "read_build": timings.get("read_build", 0.0), "tokenize_stage": fe.tokenize_busy},
         "notes": f"API hits assume whole cache units of {unit} tokens; other providers' cards are approximate "
                  "(their tokenizers differ from V4's).",
     }

@@ -4,10 +4,10 @@ pipeline to come.
 Owns: opening the input (file discovery, the run's output folder left out), resolving how a row
 becomes a request (each row uses what it has unless a column is named), per-row sampling from the
 one parser of OpenAI bodies (OpenAI's defaults for OpenAI input), ids and duplicates, kept columns,
-the context pre-check, chat encoding and tokenization with the model's own tokenizer, `--limit` and
-`--shard`. Whatever goes wrong with one row, whatever the exception, makes that row an error row
-(`RowError`) handed to the caller; the job goes on. Does not own: resume (the run says which rows
-are done), planning, writing or prices.
+the context pre-check, chat encoding and tokenization with the model's own tokenizer (in a worker
+thread, beside the reading of the next batch), `--limit` and `--shard`. Whatever goes wrong with
+one row, whatever the exception, makes that row an error row (`RowError`) handed to the caller; the
+job goes on. Does not own: resume (the run says which rows are done), planning, writing or prices.
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ class Frontend:
         self.max_len = opts.max_model_len or model_len
         self._tokenizer = None           # loaded with the first batch, after the output folder is checked
         self.exhausted = False          # True once every input row was read (no --limit cut)
+        self.tokenize_busy = 0.0        # seconds the tokenize worker ran (see `batches`)
 
     @property
     def tokenizer(self):
@@ -146,13 +147,21 @@ class Frontend:
     # ---- rows -------------------------------------------------------------------------------------
     def batches(self, seen: Callable[[str], bool], on_error: Callable[[RowError], None], counts: dict,
                 timings: dict, *, skip: Callable[[RowRequest], bool] | None = None,
-                quiet: bool = True) -> Iterator[list[Row]]:
+                quiet: bool = True, seen_many: Callable[[list[str]], list[bool]] | None = None
+                ) -> Iterator[list[Row]]:
         """Lists of this shard's rows to plan, in input order. Every row read ends in exactly one
-        of: a yielded `Row`, `on_error` (this shard's error rows), `skip(req)` returning True (done
-        by an earlier run; counted by the caller) or `counts["out_of_shard"]`. `seen(id)` says
-        whether an id came before (and remembers it). Counts `input_rows`, `out_of_shard`,
-        `planned_rows`; adds seconds to `timings["read_build"]` and `timings["tokenize"]`."""
-        from batchv4.io.rows import build_request
+        of: a yielded `Row`, `on_error` (this shard's error rows, in input order), `skip(req)`
+        returning True (done by an earlier run; counted by the caller) or `counts["out_of_shard"]`.
+        `seen(id)` says whether an id came before (and remembers it); `seen_many(ids)`, when
+        given, does the same for a batch of ids at once. Counts `input_rows`, `out_of_shard`,
+        `planned_rows`; adds the main thread's seconds to `timings["read_build"]` (reading and
+        building rows) and `timings["tokenize"]` (waiting for the tokenizer, checking lengths);
+        `self.tokenize_busy` is the tokenize stage's own seconds.
+
+        Batch k is tokenized in a worker thread while this thread reads and builds batch k+1
+        and the caller plans batch k-1 (HF tokenizers releases the GIL while it encodes)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from batchv4.packing import shard_of
 
         opts = self.opts
@@ -162,6 +171,8 @@ class Frontend:
             timings.setdefault(key, 0.0)
         shard = opts.shard
         bars = [_bar(quiet, "read", "row"), _bar(quiet, "tokenize", "tok")]
+        check = seen_many or (lambda ids: [seen(i) for i in ids])
+        self.tokenize_busy = 0.0
 
         def fail(err: RowError) -> None:
             if shard and err.index % shard[1] != shard[0]:
@@ -169,44 +180,21 @@ class Frontend:
             else:
                 on_error(err)
 
-        limit = opts.limit
-        self.exhausted = False
-        for batch in self.src.iter_rows(batch_size=opts.read_batch_rows):
-            t0 = time.perf_counter()
-            built: list[tuple[RowRequest, dict, Any]] = []
-            for raw in batch:
-                if limit is not None and counts["input_rows"] >= limit:
-                    break
-                counts["input_rows"] += 1
-                r = build_request(raw, self.spec)
-                if isinstance(r, RowError):
-                    if r.id is not None:
-                        seen(r.id)              # its id is taken: an earlier run's output of it is stale
-                    fail(r)
-                    continue
-                if seen(r.id):
-                    fail(RowError(r.index, r.id, f"duplicate id {r.id!r}", raw.raw if raw.raw is not None
-                                  else _json(raw.data)))
-                    continue
-                if skip is not None and skip(r):
-                    continue
-                try:
-                    over = {k: v for k, v in r.params.items() if k not in ROW_ONLY_PARAMS}
-                    base = self.base_openai if self.spec.openai_batch else self.base
-                    sampling = base.replace(**over) if over else base
-                except Exception as e:
-                    fail(RowError(r.index, r.id, _line(e), raw.raw if raw.raw is not None else _json(raw.data)))
-                    continue
-                built.append((r, over, sampling))
-            built = self._check_kept(built, fail)
+        def finish(job) -> list[Row]:
+            built, errors, fut = job
             t1 = time.perf_counter()
-            timings["read_build"] += t1 - t0
+            encoded, busy = fut.result()
+            self.tokenize_busy += busy
+            for err in errors:                  # the batch's build errors, then its tokenize errors
+                fail(err)
             rows: list[Row] = []
             n_tok = 0
-            for (r, over, sampling), (toks, think, err) in zip(built, self._encode([b[0] for b in built])):
-                if err is None and len(toks) + sampling.max_tokens > self.max_len:
+            max_len = self.max_len
+            for (r, over, sampling), (enc, think, err) in zip(built, encoded):
+                toks = enc.ids if err is None else None
+                if err is None and len(toks) + sampling.max_tokens > max_len:
                     err = (f"prompt of {len(toks)} tokens plus max_tokens {sampling.max_tokens} exceeds the "
-                           f"model's context of {self.max_len} tokens")
+                           f"model's context of {max_len} tokens")
                 if err is not None:
                     fail(RowError(r.index, r.id, err, _json({"messages": r.messages})))
                     continue
@@ -217,18 +205,89 @@ class Frontend:
                 n_tok += len(toks)
             counts["planned_rows"] += len(rows)
             timings["tokenize"] += time.perf_counter() - t1
-            if bars[0] is not None:
-                bars[0].update(len(batch))
+            if bars[1] is not None:
                 bars[1].update(n_tok)
-            if rows:
-                yield rows
-            if limit is not None and counts["input_rows"] >= limit:
-                break
-        else:
-            self.exhausted = True
+            return rows
+
+        limit = opts.limit
+        self.exhausted = False
+        whole = False
+        pending = None                          # the batch in the tokenizer
+        with ThreadPoolExecutor(1, thread_name_prefix="batchv4-tokenize") as pool:
+            for batch in self.src.iter_rows(batch_size=opts.read_batch_rows):
+                t0 = time.perf_counter()
+                if limit is not None:
+                    batch = batch[:max(0, limit - counts["input_rows"])]
+                built, errors = self._build(batch, check, skip, fail)
+                counts["input_rows"] += len(batch)
+                if bars[0] is not None:
+                    bars[0].update(len(batch))
+                # what is done with is freed now (here, and the finished batch before the yield),
+                # not a batch later: fewer live objects make the cyclic GC's passes fewer and shorter
+                del batch
+                tok = self.tokenizer            # loaded here, not in the worker: its errors are the caller's
+                job = (built, errors, pool.submit(_timed, self._encode, tok, [b[0] for b in built]))
+                timings["read_build"] += time.perf_counter() - t0
+                if pending is not None:
+                    rows = finish(pending)
+                    pending = None
+                    if rows:
+                        yield rows
+                    del rows
+                pending = job
+                if limit is not None and counts["input_rows"] >= limit:
+                    break
+            else:
+                whole = True
+            if pending is not None:
+                rows = finish(pending)
+                pending = None
+                if rows:
+                    yield rows
+        self.exhausted = whole
         for b in bars:
             if b is not None:
                 b.close()
+
+    def _build(self, batch: list, check: Callable[[list[str]], list[bool]],
+               skip: Callable[[RowRequest], bool] | None, fail: Callable[[RowError], None]
+               ) -> tuple[list[tuple[RowRequest, dict, Any]], list[RowError]]:
+        """A batch's requests to tokenize, with their sampling overrides and SamplingParams, and
+        its error rows in input order (handed to `fail` with the batch's tokenize errors, so
+        error rows keep their order while the tokenizer works on the batch before)."""
+        from batchv4.io.rows import build_request
+
+        spec = self.spec
+        reqs = [build_request(raw, spec) for raw in batch]
+        # every id is marked seen, an error row's too: an earlier run's output of it is stale
+        dup = iter(check([r.id for r in reqs if r.id is not None]))
+        base = self.base_openai if spec.openai_batch else self.base
+        built: list[tuple[RowRequest, dict, Any]] = []
+        errors: list[RowError] = []
+        for raw, r in zip(batch, reqs):
+            if isinstance(r, RowError):
+                if r.id is not None:
+                    next(dup)
+                errors.append(r)
+                continue
+            if next(dup):
+                errors.append(RowError(r.index, r.id, f"duplicate id {r.id!r}", raw.raw if raw.raw is not None
+                                       else _json(raw.data)))
+                continue
+            if skip is not None and skip(r):
+                continue
+            if not r.params:
+                built.append((r, {}, base))
+                continue
+            try:
+                over = {k: v for k, v in r.params.items() if k not in ROW_ONLY_PARAMS}
+                sampling = base.replace(**over) if over else base
+            except Exception as e:
+                errors.append(RowError(r.index, r.id, _line(e), raw.raw if raw.raw is not None else _json(raw.data)))
+                continue
+            built.append((r, over, sampling))
+        built = self._check_kept(built, errors.append)
+        return built, errors
 
     def _check_kept(self, built: list, fail: Callable[[RowError], None]) -> list:
         """Rows whose kept values fit the kept columns' types (a JSON value that does not fit the
@@ -252,33 +311,42 @@ class Frontend:
                               _json({"messages": b[0].messages, **b[0].keep})))
         return good
 
-    def _encode(self, requests: list[RowRequest]) -> list[tuple[list[int] | None, bool, str | None]]:
-        """(token ids, thinking, error) per request, in batches; a batch the tokenizer refuses is
-        encoded row by row, so only the bad row fails."""
+    def _encode(self, tok, requests: list[RowRequest]) -> list[tuple[Any, bool, str | None]]:
+        """(HF encoding, thinking, error) per request, in batches; a batch the tokenizer refuses is
+        encoded row by row, so only the bad row fails. The caller takes each encoding's `.ids`."""
         out: list[Any] = [None] * len(requests)
         groups: dict[tuple[bool, str | None], list[int]] = {}
+        default = (bool(self.opts.thinking), None)
         for i, r in enumerate(requests):
+            if not r.params:
+                groups.setdefault(default, []).append(i)
+                continue
             think = bool(r.params.get("thinking", self.opts.thinking))
             effort = r.params.get("reasoning_effort")
             if effort not in _EFFORTS:
                 out[i] = (None, think, f"reasoning_effort {effort!r} is not supported by V4 (use 'high' or 'max')")
                 continue
             groups.setdefault((think, effort), []).append(i)
-        tok = self.tokenizer
         for (think, effort), idx in groups.items():
             try:
-                ids = tok.chat_token_ids([requests[i].messages for i in idx], think, effort)
+                encs = tok.chat_encodings([requests[i].messages for i in idx], think, effort, normalized=True)
             except Exception:
-                ids = None
+                encs = None
             for j, i in enumerate(idx):
-                if ids is not None:
-                    out[i] = (ids[j], think, None)
+                if encs is not None:
+                    out[i] = (encs[j], think, None)
                     continue
                 try:
-                    out[i] = (tok.chat_token_ids([requests[i].messages], think, effort)[0], think, None)
+                    out[i] = (tok.chat_encodings([requests[i].messages], think, effort, normalized=True)[0], think,
+                              None)
                 except Exception as e:
                     out[i] = (None, think, f"cannot tokenize this row: {_line(e)}")
         return out
+
+
+def _timed(fn: Callable, *args: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
 
 
 def _line(e: BaseException) -> str:

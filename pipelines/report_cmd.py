@@ -14,6 +14,7 @@ def render(summary: dict) -> str:
         f"output rows      {c.get('output_rows', 0):>12,}   error rows {c.get('error_rows', 0):,}",
         f"prompt tokens    {t.get('prompt_tokens', 0):>12,}   cache hits {t.get('prompt_cache_hit_tokens', 0):,}"
         f" ({t.get('cache_hit_rate', 0.0):.1%})",
+        f"  API cache hits {t.get('api_cache_hit_tokens', 0):>12,}   (cost_usd is priced with these)",
         f"completion       {t.get('completion_tokens', 0):>12,}   reasoning {t.get('reasoning_tokens', 0):,}",
         f"cost ({summary.get('price_card', '?')})  " + ("n/a" if t.get("cost_usd") is None else f"${t['cost_usd']:,.6f}"),
     ]

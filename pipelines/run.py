@@ -57,9 +57,13 @@ class _Errors:
         self.buf = []
 
 
-def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -> dict:
-    """`llm_factory(cfg)` builds the engine (default: `LLM`); `run` uses its `generate_stream`
-    and `stats`, and builds it only once the plan holds at least one row."""
+def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None, *,
+        build_beside_reading: bool = True) -> dict:
+    """`llm_factory(cfg)` builds the backend (default: the local `LLM`); `run` drives it only
+    through the backend protocol (`batchv4.engine.backend`: `generate_stream`, `stats`). It is
+    built once the first row to generate is known, in a thread beside the rest of the reading
+    and planning (a checkpoint takes minutes to load), or after them without
+    `build_beside_reading`; never when there is nothing to generate."""
     from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.io.outdir import claim_output
     from batchv4.io.writers import PartWriter, check_writable
@@ -80,7 +84,8 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
         writer = PartWriter(cfg.output, kept=fe.kept, meta={"fingerprint": fp, "config": cfg.public()},
                             storage_options=so)
         try:
-            return _run(cfg, fp, fe, card, private, state, writer, llm_factory or _default_llm)
+            return _run(cfg, fp, fe, card, private, state, writer, llm_factory or _default_llm,
+                        build_beside_reading)
         except BaseException:
             # an error, Ctrl-C or SIGTERM: list what was written (a kill -9 loses at most about 1/64 of it)
             if writer.manifest["parts"] or writer.manifest["error_parts"]:
@@ -91,7 +96,33 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None) -
             raise
 
 
-def _run(cfg, fp, fe, card, private, state, writer, llm_factory) -> dict:
+class _Build:
+    """The backend, built in a thread (torch and the tokenizer release the GIL while they work)."""
+
+    def __init__(self, factory, cfg) -> None:
+        import threading
+
+        self.llm = self.error = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._build, args=(factory, cfg), name="batchv4-build", daemon=True)
+        self._thread.start()
+
+    def _build(self, factory, cfg) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.llm = factory(cfg)
+        except BaseException as e:      # re-raised in the main thread by result()
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+
+    def result(self):
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.llm
+
+
+def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool) -> dict:
     from batchv4.packing import PackConfig, plan
     from batchv4.pipelines.run_output import amortize, output_rows, summary, write_json
     from batchv4.pipelines.run_resume import drop_stale
@@ -104,7 +135,13 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory) -> dict:
               "stale_output_rows_removed": 0, "stale_error_rows_removed": 0}
     errors = _Errors(writer, cfg.part_rows, counts)
     api_unit = PackConfig().api_unit
-    planned = plan(_read(cfg, fe, state, errors, counts, timings), spill_dir=state.dir)
+    build: list[_Build] = []
+
+    def start_build() -> None:
+        if early and not build:
+            build.append(_Build(llm_factory, cfg))
+
+    planned = plan(_read(cfg, fe, state, errors, counts, timings, start_build), spill_dir=state.dir)
     t0 = time.perf_counter()
     first = next(planned, None)           # the plan has read the whole input by its first request
     timings["plan"] = time.perf_counter() - t0 - timings["read_build"] - timings["tokenize"]
@@ -112,9 +149,17 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory) -> dict:
         writer, state, fe.exhausted, counts["input_rows"])
 
     t_engine = time.perf_counter()
-    llm = llm_factory(cfg) if first is not None else None
-    timings["engine_build"] = time.perf_counter() - t_engine
-    t_engine += timings["engine_build"]
+    if first is None:
+        llm = build[0].result() if build else None
+    elif build:
+        llm = build[0].result()
+        timings["engine_build"] = build[0].seconds
+        timings["engine_build_wait"] = time.perf_counter() - t_engine     # what reading did not hide
+    else:
+        llm = llm_factory(cfg)
+        timings["engine_build"] = timings["engine_build_wait"] = time.perf_counter() - t_engine
+    t_engine = time.perf_counter()
+    t_first = None
     inflight: dict[str, tuple[Any, int, int]] = {}     # id -> (RowRequest, plan group, API hits), in the engine
 
     def requests():
@@ -129,8 +174,11 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory) -> dict:
     progress = {"rows": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "completion_tokens": 0}
     pbar = _bar(cfg.quiet, "generate", "row", total=counts["planned_rows"])
     new_outputs = 0
-    for out in (llm.generate_stream(requests()) if llm is not None else ()):
+    for out in (llm.generate_stream(requests()) if first is not None else ()):
         t0 = time.perf_counter()
+        if t_first is None:
+            t_first = t0 - t_start
+            timings["first_output"] = t_first     # seconds from the start to the first finished row
         req, group, api_hit = inflight.pop(out.request_id)
         first_out = out.outputs[0]
         if first_out.finish_reason == "error":
@@ -177,7 +225,7 @@ def _engine_error(req, message: str | None) -> dict:
                     json.dumps({"messages": req.messages}, ensure_ascii=False)).to_record()
 
 
-def _read(cfg, fe, state, errors: _Errors, counts, timings):
+def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None):
     """The front-end's rows as `PackInput(id, token ids)`, each row's record put in `state`;
     rows an earlier invocation finished with the same content are skipped, error rows it wrote
     are not written again."""
@@ -196,6 +244,8 @@ def _read(cfg, fe, state, errors: _Errors, counts, timings):
         return False
 
     for batch in fe.batches(state.seen, on_error, counts, timings, skip=skip, quiet=cfg.quiet):
+        if on_first_row is not None:
+            on_first_row()
         state.put([(r.req, r.sampling, r.thinking) for r in batch])
         yield from (PackInput(r.req.id, r.token_ids) for r in batch)
 

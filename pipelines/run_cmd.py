@@ -109,7 +109,7 @@ def row_fields(kw: dict) -> dict:
                    "with the FP8/FP4 activation simulation.")
 @click.option("--max-batched-tokens", default=2048, type=int, help="Token budget per engine step.")
 @click.option("--max-num-seqs", default=64, type=int, help="Sequences running at once.")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--resume/--overwrite", default=True,
               help="Continue a previous run in OUTPUT, or replace it (only ever a batchv4 run's files).")
 @click.option("--part-rows", default=512, type=int, help="Output rows per Parquet part.")

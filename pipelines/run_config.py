@@ -28,7 +28,7 @@ class RunConfig(RowOptions):
     overwrite: bool = False
     quiet: bool = False
     part_rows: int = 512
-    device: str = "cpu"
+    device: str = "auto"
 
     def fingerprint(self) -> str:
         """What decides a row's output columns: model, prompt building, thinking, sampling, the
@@ -81,14 +81,14 @@ def check_options(cfg: RunConfig) -> None:
 
 def check_device(device: str) -> None:
     """A device torch knows and this machine has; UserError otherwise."""
-    if device == "cpu":
+    if device in ("cpu", "auto"):
         return
     import torch
 
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise UserError(f"--device {device!r} is not a device torch knows (use cpu, cuda or cuda:N)") from None
+        raise UserError(f"--device {device!r} is not a device torch knows (use auto, cpu, cuda or cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r}: batchv4 runs on cpu or cuda")
     if dev.type == "cuda":

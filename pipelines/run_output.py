@@ -35,7 +35,7 @@ def output_rows(req, group: int | None, out, card, llm, now: datetime, progress:
 
     recs = []
     n_prompt = len(out.prompt_token_ids)
-    stats = llm.stats()
+    stats = None
     for c in out.outputs:
         # the n samples share one prompt: its hits are counted on sample 0 only; later samples
         # read the whole prompt from the cache
@@ -45,7 +45,12 @@ def output_rows(req, group: int | None, out, card, llm, now: datetime, progress:
         api_hit = api_hits(plan_api_hit, n_prompt, c.index, api_unit)
         api_usage = {**usage, "prompt_cache_hit_tokens": api_hit, "prompt_cache_miss_tokens": n_prompt - api_hit}
         detail = price_row_detail(api_usage, card, now)
-        secs = _engine_seconds(stats, n_prompt - hit + len(c.token_ids))
+        by_sample = out.metrics.get("engine_seconds_by_sample")
+        if by_sample is not None and c.index < len(by_sample):
+            secs = by_sample[c.index]       # the steps this sample took part in
+        else:                               # a backend without per-request times: a share of the total
+            stats = stats or llm.stats()
+            secs = _engine_seconds(stats, n_prompt - hit + len(c.token_ids))
         recs.append({"id": req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
                      "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage,
                  "api_cache_hit_tokens": api_hit,
@@ -100,7 +105,7 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
     api_totals = replace(totals, prompt_cache_hit_tokens=totals.api_cache_hit_tokens,
                          prompt_cache_miss_tokens=totals.prompt_tokens - totals.api_cache_hit_tokens)
     st = llm.stats() if llm is not None else NO_STATS
-    computed = st["prefill_tokens"] + st["decode_tokens"] + st["cached_prompt_tokens"]
+    computed = st["prefill_tokens"] + st["decode_tokens"]
     return {
         "fingerprint": fp,
         "config": cfg.public(),
@@ -117,7 +122,9 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
             "prefill_tokens_computed": st["prefill_tokens"],
             "decode_tokens": st["decode_tokens"],
             "cached_prompt_tokens": st["cached_prompt_tokens"],
+            # tokens the engine computed (prefill + decode) per second; cached prompt tokens apart
             "tokens_per_second": computed / wall if wall > 0 else 0.0,
+            "cached_prompt_tokens_per_second": st["cached_prompt_tokens"] / wall if wall > 0 else 0.0,
             "generated_tokens_per_second": st["decode_tokens"] / wall if wall > 0 else 0.0,
             "preemptions": st["preemptions"],
             "snapshot_evictions": st["snapshot_evictions"],

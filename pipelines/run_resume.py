@@ -37,9 +37,17 @@ def take_over(cfg, fp: str, claim, state) -> None:
         clear(cfg.output, so)
         claim.write_marker(fp)
         return
-    if old != fp:
+    if old != fp and _has_outputs(cfg.output, so):
         raise UserError(f"{cfg.public()['output']} holds a run with a different configuration "
                         f"(fingerprint {old}, now {fp}); use --overwrite to replace it")
+    if old != fp:
+        # nothing generated yet (only error rows, e.g. no row could be read): nothing to protect,
+        # and what was detected from the input (its id column, its format) may have changed
+        log.info("replacing an earlier run that wrote no output rows (fingerprint %s, now %s)", old, fp)
+        clear(cfg.output, so)
+        claim.write_marker(fp)
+        return
+    claim.write_marker(fp)             # a folder of a version before markers gets one now
     # the summary and OpenAI output of an earlier invocation are stale from now on
     remove(cfg.output, RUN_FILES[1:], so)
     if read_manifest(cfg.output, so) is None:
@@ -47,6 +55,13 @@ def take_over(cfg, fp: str, claim, state) -> None:
     state.add_done((r["id"], r["content_hash"]) for r in iter_output_rows(cfg.output, ["id", "content_hash"], so))
     state.add_done_errors((r["row_index"], error_key(r["row_index"], r["error"], r["raw"]))
                           for r in iter_error_rows(cfg.output, ["row_index", "error", "raw"], so))
+
+
+def _has_outputs(url: str, so) -> bool:
+    from batchv4.io.writers import read_manifest
+
+    manifest = read_manifest(url, so)
+    return manifest is None or any(p["rows"] for p in manifest["parts"])
 
 
 def drop_stale(writer, state, whole_input: bool, rows_read: int) -> tuple[int, int]:

@@ -46,3 +46,19 @@ def test_registered_in_group():
 
     r = CliRunner().invoke(cli, ["model-info", "test", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["layers"]["mtp"] == 1
+
+
+def test_config_of_no_dialect_is_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"vocab": 5, "layers": 3}')
+    r = CliRunner().invoke(model_info, [str(tmp_path)])
+    assert r.exit_code != 0 and r.output.count("\n") == 1
+    assert r.output.startswith("Error: ") and "not a DeepSeek-V4 config" in r.output
+
+
+def test_stated_layer_kinds_are_reported(tmp_path):
+    cfg = ModelConfig.load("test").replace(compress_ratios=(0, 4, 8, 4, 8),
+                                           layer_kinds=("window", "hca", "csa", "hca", "csa"))
+    save_official_checkpoint(Transformer(cfg).init_random(0), cfg, str(tmp_path))
+    r = CliRunner().invoke(model_info, [str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["layers"] == {"window": 1, "csa": 2, "hca": 2, "mtp": 1}

@@ -73,7 +73,7 @@ class Snapshot:
     pages: dict[int, list[int]]           # ratio -> page ids (one reference each)
     uses_left: int                        # restores the plan still expects
     last_used: int
-    logits: object = None                 # logits at pos-1 when saved there (a [V] tensor)
+    has_logits: bool = False              # the runner keeps the logits at pos-1 (prompts ending there)
     pinned: int = 0                       # restores in flight this step
     ready: bool = False                   # filled by an executed step
 
@@ -94,6 +94,7 @@ class CacheManager:
         self.snapshots: dict[object, Snapshot] = {}
         self.tick = 0
         self.evictions = 0
+        self._dropped: list[object] = []   # snapshot keys dropped since `drain_dropped`
 
     # ---- sizes ------------------------------------------------------------------------------------
     def pages_needed(self, ratio: int, num_tokens: int) -> int:
@@ -138,6 +139,15 @@ class CacheManager:
         for r, ids in sc.pages.items():
             for p in ids:
                 self.pages[r].decref(p)
+
+    def view(self, seq_id: object) -> tuple[int, dict[int, list[int]]]:
+        """(slot, ratio -> page ids) of a sequence, for the runner's page tables (read-only)."""
+        sc = self.seqs[seq_id]
+        return sc.slot, sc.pages
+
+    def free_seq_if_held(self, seq_id: object) -> None:
+        if seq_id in self.seqs:
+            self.free_seq(seq_id)
 
     def fork(self, src: object, dst: object, num_tokens: int) -> tuple[int, int, list[tuple[int, int, int]]]:
         """dst becomes a copy of src's first num_tokens tokens: (src slot, dst slot, page copies)."""
@@ -191,6 +201,45 @@ class CacheManager:
         """A snapshot that exists and was filled by an executed step."""
         s = self.snapshots.get(key)
         return s is not None and s.ready
+
+    def exists(self, key: object) -> bool:
+        """A snapshot registered for saving (ready or not yet filled)."""
+        return key in self.snapshots
+
+    def mark_ready(self, key: object, has_logits: bool) -> None:
+        """An executed step filled snapshot `key` (and kept its last logits, or not)."""
+        s = self.snapshots.get(key)
+        if s is not None:
+            s.ready, s.has_logits = True, has_logits
+
+    def snapshot_pos(self, key: object) -> int | None:
+        """Tokens covered by a ready snapshot; None if there is none."""
+        return self.snapshots[key].pos if self.has(key) else None
+
+    def snapshot_has_logits(self, key: object) -> bool:
+        return self.has(key) and self.snapshots[key].has_logits
+
+    def give_back_use(self, key: object) -> None:
+        """A restore from `key` was undone (its sequence was preempted): it will be restored again."""
+        if key in self.snapshots:
+            self.snapshots[key].uses_left += 1
+
+    def pages_held(self, seq_id: object, ratio: int) -> int:
+        sc = self.seqs.get(seq_id)
+        return len(sc.pages[ratio]) if sc is not None else 0
+
+    def drain_dropped(self) -> list[object]:
+        """Keys of the snapshots dropped (evicted, released, replaced) since the last call, so the
+        runner can free what it keeps for them."""
+        out, self._dropped = self._dropped, []
+        return out
+
+    def clear(self) -> None:
+        """Free every sequence and snapshot (a stream that stopped early)."""
+        for seq_id in list(self.seqs):
+            self.free_seq(seq_id)
+        for key in list(self.snapshots):
+            self._drop(key)
 
     def release_unneeded(self) -> int:
         """Drop every snapshot the plan no longer needs; returns how many."""
@@ -247,6 +296,7 @@ class CacheManager:
 
     def _drop(self, key: object) -> None:
         snap = self.snapshots.pop(key)
+        self._dropped.append(key)
         self.slots.decref(snap.slot)
         for r, ids in snap.pages.items():
             for p in ids:

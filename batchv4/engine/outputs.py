@@ -80,3 +80,30 @@ class RequestOutput:
             raise ValueError(f"n must be >= 1, got {n}")
         outputs = [CompletionOutput(i, "", [], "error", error=message) for i in range(n)]
         return cls(request_id, list(prompt_token_ids or []), 0, outputs)
+
+
+def request_output(request_id: str, prompt_token_ids: Sequence[int], seqs: Sequence[Any], thinking: bool,
+                   think_end_id: int, num_cached_tokens: int, error: str | None = None, n: int = 1
+                   ) -> RequestOutput:
+    """The RequestOutput of a finished request from its samples' sequences (the scheduler's
+    `Sequence`: tokens, num_prompt, detok, finish and stop reasons, logprobs), or its error."""
+    if error is not None:
+        return RequestOutput.error(request_id, prompt_token_ids, error, n=n)
+    from batchv4.tokenizer import count_reasoning_tokens, split_reasoning
+
+    outs = []
+    for x in seqs:
+        text, reasoning, n_reason = x.detok.text, None, 0
+        generated = x.tokens[x.num_prompt:]
+        if thinking:
+            reasoning, text = split_reasoning(text, True)
+            n_reason = count_reasoning_tokens(generated, think_end_id)
+        want_logprobs = x.request.params.logprobs is not None
+        outs.append(CompletionOutput(
+            index=x.sample_index, text=text, token_ids=generated, finish_reason=x.finish_reason, error=None,
+            reasoning_text=reasoning, num_reasoning_tokens=n_reason,
+            logprobs=x.out_logprobs if want_logprobs else None, cumulative_logprob=None, stop_reason=x.stop_reason))
+    # forward seconds of the steps each sample took part in, split by its tokens in each step
+    metrics = {"engine_seconds_by_sample": [x.engine_seconds for x in seqs]}
+    return RequestOutput(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                         num_cached_tokens=num_cached_tokens, outputs=outs, metrics=metrics)

@@ -1,18 +1,22 @@
-"""The model runner: turns a scheduler `StepPlan` into one packed `ForwardBatch`, runs the model over
-the cache pools, and hands back the logits rows each sequence needs.
+"""The model runner: executes a scheduler `StepPlan` and returns a plain `StepResult`.
 
-Owns: the pools' tensors (allocated once from the layout and the budget) and the batch assembly.
-Does not own: which pages/slots are used (CacheManager), scheduling or sampling.
+Owns: the pools' tensors (allocated once from the layout and the budget), every pool copy the
+engine makes (restores, forks, snapshot saves: this is the one place), the packed `ForwardBatch`,
+the logits kept for snapshots whose prompt may end there, the logits processors (per-step hooks,
+e.g. grammar masks), and sampling. It reads sequences but changes no bookkeeping: tokens, stops,
+snapshot records and frees are `Scheduler.update()`'s. Does not own: which pages/slots are used
+(CacheManager), scheduling, or the sampling rules (Sampler).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
-from batchv4.engine.cache_manager import CacheManager
-from batchv4.engine.scheduler import StepPlan
+from batchv4.engine.sampler import RowState, Sampler
+from batchv4.engine.step import LogitsProcessor, Sampled, StepPlan, StepResult
 from batchv4.model.forward_batch import CacheLayout, CachePools, ForwardBatch
 
 
@@ -34,51 +38,101 @@ def size_cache(layout: CacheLayout, budget_bytes: int, max_num_seqs: int, max_sn
 
 class ModelRunner:
     def __init__(self, model, layout: CacheLayout, num_slots: int, num_pages: dict[int, int],
-                 device: torch.device) -> None:
+                 device: torch.device, sampler: Sampler,
+                 logits_processors: Sequence[LogitsProcessor] = ()) -> None:
         self.model = model
         self.layout = layout
         self.device = device
-        self.pools = CachePools.allocate(layout, num_slots, num_pages, device)
+        self.sampler = sampler
+        self.logits_processors = list(logits_processors)
+        self.pools = self._allocate(num_slots, num_pages)
+        self.kept_logits: dict[object, torch.Tensor] = {}    # snapshot key -> logits [V] at its last position
         self.forward_seconds = 0.0
 
-    def execute(self, plan: StepPlan, cache: CacheManager) -> dict[int, torch.Tensor]:
-        """Run the step; returns seq_id -> logits [V] fp32 for chunks that need them."""
-        out = self._execute(plan, cache)
-        for ch in plan.chunks:
-            if ch.save is not None and ch.save.key in cache.snapshots:
-                cache.snapshots[ch.save.key].ready = True
-        return out
+    def _allocate(self, num_slots: int, num_pages: dict[int, int]):
+        return CachePools.allocate(self.layout, num_slots, num_pages, self.device)
 
-    def _execute(self, plan: StepPlan, cache: CacheManager) -> dict[int, torch.Tensor]:
-        if not plan.chunks:
-            for src, dst in plan.restores:
-                self.pools.copy_slot(src, dst)
-            for r, s, d in plan.page_copies:
-                self.pools.copy_page(r, s, d)
-            for src, dst in plan.saves:
-                self.pools.copy_slot(src, dst)
-            return {}
+    def execute(self, plan: StepPlan) -> StepResult:
+        result = StepResult()
+        for key in plan.dropped:
+            self.kept_logits.pop(key, None)
+        self._copy(plan.copies_before)
+        logits = self._forward(plan, result) if plan.chunks else None
+        self._copy(plan.copies_after)
+        # logits rows: one per chunk that needs them, in chunk order
+        rows: list[tuple[object, torch.Tensor]] = []
+        row = 0
+        for ch in plan.chunks:
+            if not ch.needs_logits:
+                continue
+            if ch.save_key is not None:
+                self.kept_logits[ch.save_key] = logits[row]
+                result.saved[ch.save_key] = True
+            if ch.sample:
+                rows.append((ch, logits[row]))
+            row += 1
+        for ch in plan.chunks:
+            if ch.save_key is not None and ch.save_key not in result.saved:
+                result.saved[ch.save_key] = False
+        for r in plan.ready:
+            rows.append((r, self.kept_logits[r.key]))
+        if rows:
+            self._sample(rows, logits, result)
+        return result
+
+    def _copy(self, copies: list[tuple]) -> None:
+        for c in copies:
+            if c[0] == "slot":
+                self.pools.copy_slot(c[1], c[2])
+            else:
+                self.pools.copy_page(c[1], c[2], c[3])
+
+    def _forward(self, plan: StepPlan, result: StepResult) -> torch.Tensor:
         seqs, tables = [], {r: [] for r in self.layout.ratios}
         for ch in plan.chunks:
-            sc = cache.seqs[ch.seq.seq_id]
-            seqs.append((ch.seq.tokens[ch.start:ch.start + ch.num_tokens], ch.start, sc.slot))
+            seqs.append((ch.seq.tokens[ch.start:ch.start + ch.num_tokens], ch.start, ch.slot))
             for r in self.layout.ratios:
-                tables[r].append(sc.pages[r])
-        fb = ForwardBatch.build(seqs, tables, [ch.needs_logits for ch in plan.chunks], device=self.device,
-                                restores=plan.restores, saves=plan.saves, page_copies=plan.page_copies)
+                tables[r].append(ch.pages[r])
+        fb = ForwardBatch.build(seqs, tables, [ch.needs_logits for ch in plan.chunks], device=self.device)
         t0 = time.perf_counter()
         logits = self.model(fb, self.pools)
         if logits.is_cuda:
             torch.cuda.synchronize()
-        self.forward_seconds += time.perf_counter() - t0
-        out, row = {}, 0
-        for ch in plan.chunks:
-            if ch.needs_logits:
-                out[ch.seq.seq_id] = logits[row]
-                if ch.save is not None and ch.save.key in cache.snapshots:
-                    cache.snapshots[ch.save.key].logits = logits[row]
-                row += 1
-        return out
+        dt = time.perf_counter() - t0
+        self.forward_seconds += dt
+        result.forward_seconds = dt
+        return logits
+
+    def _sample(self, entries: list[tuple[object, torch.Tensor]], step_logits, result: StepResult) -> None:
+        """One row per sample to draw (a chunk or ready sequence with num_samples > 1 draws all its
+        request's first tokens from the same logits), logits processors applied, then the sampler;
+        a row whose logits are not finite fails its request alone."""
+        rows, tensors, owners = [], [], []
+        for e, lg in entries:
+            seq = e.seq
+            for k in range(e.num_samples):
+                index = seq.sample_index if e.num_samples == 1 else k
+                rows.append(RowState(seq.request.params, seq.request.request_id, index, seq.num_generated,
+                                     seq.tokens[:seq.num_prompt], seq.tokens[seq.num_prompt:]))
+                tensors.append(lg)
+                owners.append((seq.seq_id, index))
+        logits = _stack_rows(tensors, step_logits)
+        for proc in self.logits_processors:
+            logits = proc(rows, logits)
+        for (seq_id, index), res in zip(owners, self.sampler.sample(logits, rows, row_errors=True)):
+            if res.error is not None:
+                result.errors[seq_id] = res.error
+                continue
+            result.sampled.setdefault(seq_id, []).append(Sampled(res.token_id, index, res.top_logprobs))
+
+
+def _stack_rows(rows: list[torch.Tensor], step_logits: torch.Tensor | None) -> torch.Tensor:
+    """Logit rows [V] -> [B, V] fp32. When they are all the rows of this step's logits, in order
+    (the usual decode step), that tensor is used as it is instead of copying B x V floats."""
+    if (step_logits is not None and step_logits.dim() == 2 and step_logits.shape[0] == len(rows)
+            and all(r.data_ptr() == step_logits[i].data_ptr() for i, r in enumerate(rows))):
+        return step_logits.float()
+    return torch.stack([r.float() for r in rows])
 
 
 class _NoPools:
@@ -89,22 +143,17 @@ class _NoPools:
         pass
 
 
-class NoMathRunner:
+class NoMathRunner(ModelRunner):
     """Stands in for ModelRunner when only the bookkeeping is measured (real geometries on a CPU):
     every chunk that needs logits gets uniform logits, nothing is computed or allocated."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, sampler: Sampler) -> None:
         self.vocab_size = vocab_size
+        self.sampler = sampler
+        self.logits_processors = []
         self.pools = _NoPools()
+        self.kept_logits = {}
         self.forward_seconds = 0.0
 
-    def execute(self, plan: StepPlan, cache: CacheManager) -> dict[int, torch.Tensor]:
-        out = {}
-        for ch in plan.chunks:
-            if ch.needs_logits:
-                out[ch.seq.seq_id] = torch.zeros(self.vocab_size)
-                if ch.save is not None and ch.save.key in cache.snapshots:
-                    cache.snapshots[ch.save.key].logits = out[ch.seq.seq_id]
-            if ch.save is not None and ch.save.key in cache.snapshots:
-                cache.snapshots[ch.save.key].ready = True
-        return out
+    def _forward(self, plan: StepPlan, result: StepResult) -> torch.Tensor:
+        return torch.zeros(sum(1 for ch in plan.chunks if ch.needs_logits), self.vocab_size)

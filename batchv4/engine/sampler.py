@@ -52,6 +52,7 @@ class SampleResult:
     token_id: int
     logprob: float | None  # raw logprob of token_id (None unless the row asked for logprobs)
     top_logprobs: dict[int, float] | None  # top params.logprobs tokens + token_id, best first
+    error: str | None = None  # set (token_id -1) when the row's logits were not finite
 
 
 def sampling_uniform(seed: int, request_id: str, sample_index: int, step: int) -> float:
@@ -167,9 +168,15 @@ class Sampler:
             x[rand] = filter_logits(x[rand], [rows[i].params for i in rand])
         return x
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[RowState]) -> list[SampleResult]:
-        """logits [B, V] fp32 (row i belongs to rows[i]) -> one SampleResult per row."""
-        logits, best = _check_logits(logits, rows, with_argmax=True)
+    def sample(self, logits: torch.Tensor, rows: Sequence[RowState], row_errors: bool = False) -> list[SampleResult]:
+        """logits [B, V] fp32 (row i belongs to rows[i]) -> one SampleResult per row. Logits with
+        NaN or +inf (or only -inf) raise ValueError, or with `row_errors` fail only their row: its
+        result has `error` set, and the other rows are sampled as if it were not there."""
+        logits, best, bad = _check_logits(logits, rows, with_argmax=True, row_errors=row_errors)
+        if bad:
+            logits = logits.clone()
+            logits[bad] = 0.0                 # any finite row: its result is replaced below
+            best[bad] = 0
         penalized = apply_penalties(logits, rows)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
@@ -193,6 +200,8 @@ class Sampler:
                 top = _top_logprobs(logits[i], log_norm[j], rows[i].params.logprobs)
                 top.setdefault(token_list[i], chosen[j])
                 results[i] = SampleResult(token_list[i], chosen[j], top)
+        for i in bad:
+            results[i] = SampleResult(-1, None, None, "the model's logits were not finite (NaN or inf)")
         return results
 
     def _uniform(self, row: RowState) -> float:
@@ -200,9 +209,11 @@ class Sampler:
         return sampling_uniform(seed, row.request_id, row.sample_index, row.step)
 
 
-def _check_logits(logits: torch.Tensor, rows: Sequence[RowState], with_argmax: bool = False):
+def _check_logits(logits: torch.Tensor, rows: Sequence[RowState], with_argmax: bool = False,
+                  row_errors: bool = False):
     """logits as fp32, after checking shape and values; with `with_argmax`, also each row's first
-    maximal index (one pass does both)."""
+    maximal index (one pass does both) and, with `row_errors`, the rows that are not finite
+    instead of an error."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError("logits must be a floating-point tensor of shape [batch, vocab]")
     if logits.shape[0] != len(rows):
@@ -211,10 +222,12 @@ def _check_logits(logits: torch.Tensor, rows: Sequence[RowState], with_argmax: b
     # max propagates NaN, so one reduction catches NaN, +inf and all -inf rows.
     top = logits.max(dim=-1)
     bad = (~torch.isfinite(top.values)).nonzero().flatten().tolist()
-    if bad:
+    if bad and not row_errors:
         ids = ", ".join(rows[i].request_id for i in bad[:5])
         raise ValueError(f"logits contain NaN or +inf, or only -inf, for requests {ids}")
-    return (logits, top.indices) if with_argmax else logits
+    if with_argmax:
+        return logits, top.indices, bad
+    return logits
 
 
 def _ids_tensor(ids: Sequence[int], vocab: int, request_id: str, device: torch.device) -> torch.Tensor:

@@ -294,7 +294,7 @@ def _jsonl_rows(f: IO[bytes], name: str, start: int, limit: int | None = None) -
         line = line.rstrip(b"\r\n")
         if not line.strip():
             continue
-        yield _parse_line(line, index, f"{name} line {lineno}")
+        yield _parse_line(line, index, name, lineno)
         index += 1
 
 
@@ -330,19 +330,21 @@ def _json_array_rows(doc: list[Any], name: str, start: int) -> Iterator[RawRow]:
             yield RawRow(start + i, None, json.dumps(element, ensure_ascii=False), error)
 
 
-def _parse_line(line: bytes, index: int, where: str) -> RawRow:
+def _parse_line(line: bytes, index: int, name: str, lineno: int) -> RawRow:
+    # the place ("NAME line N") is formatted only for a bad line, not for every line read
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        return RawRow(index, None, line.decode("utf-8", errors="replace"), f"{where}: invalid UTF-8 at byte {e.start}")
+        return RawRow(index, None, line.decode("utf-8", errors="replace"),
+                      f"{name} line {lineno}: invalid UTF-8 at byte {e.start}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        return RawRow(index, None, text, f"{where}: invalid JSON: {e.msg} at column {e.colno}")
+        return RawRow(index, None, text, f"{name} line {lineno}: invalid JSON: {e.msg} at column {e.colno}")
     except RecursionError:
-        return RawRow(index, None, text, f"{where}: invalid JSON: nested too deeply")
+        return RawRow(index, None, text, f"{name} line {lineno}: invalid JSON: nested too deeply")
     if not isinstance(data, dict):
-        return RawRow(index, None, text, f"{where}: expected a JSON object, got {_json_type(data)}")
+        return RawRow(index, None, text, f"{name} line {lineno}: expected a JSON object, got {_json_type(data)}")
     return RawRow(index, data, text, None)
 
 

@@ -21,31 +21,41 @@ from batchv4.model.layers import Linear, RMSNorm, apply_rope, rms_unweighted, ro
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ratio: int) -> None:
+    """One layer's attention of `kind` ("window", "csa" or "hca") with compression `ratio` (0 for
+    window-only). `use_kernels`: the Triton sparse attention, indexer top-k, compressor and FP8
+    GEMM kernels (CUDA devices; CPU tensors under TRITON_INTERPRET=1). `activation_sim`: the
+    reference's FP8/FP4 activation-quantization simulation (window and compressed KV, indexer
+    queries and keys), which transformers lacks."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, ratio: int, use_kernels: bool = False,
+                 activation_sim: bool = False) -> None:
         super().__init__()
+        if (kind == "window") != (ratio == 0):
+            raise ValueError(f"a {kind} layer cannot have compress ratio {ratio}")
         self.cfg = cfg
         self.ratio = ratio
-        self.kind = "window" if ratio == 0 else ("csa" if ratio == cfg.csa_ratio else "hca")
+        self.kind = kind
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
         self.window = cfg.window_size
         self.scale = cfg.head_dim ** -0.5
         self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
-        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank)
+        k = use_kernels
+        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, k)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-        self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim)
-        self.wkv = Linear(cfg.dim, cfg.head_dim)
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, k)
+        self.wkv = Linear(cfg.dim, cfg.head_dim, k)
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.wo_a = Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
-        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim)
+        self.wo_a = Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, k)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, k)
         if ratio:
-            self.compressor = Compressor(cfg, ratio, cfg.head_dim)
+            self.compressor = Compressor(cfg, ratio, cfg.head_dim, overlap=kind == "csa", use_kernels=k)
         if self.kind == "csa":
-            self.indexer = Indexer(cfg)
+            self.indexer = Indexer(cfg, ratio, use_kernels=k)
         # computed on first use (not a buffer: a model built on the meta device must not keep it there)
         self._inv_freq: torch.Tensor | None = None
-        self.sim = False  # FP8/FP4 activation-quantization simulation (set by the model)
-        self.use_kernels = False  # Triton sparse attention + indexer (the model sets it on CUDA)
+        self.sim = activation_sim
+        self.use_kernels = use_kernels
         self.batched_decode = True  # decode steps of many sequences in one attention (torch path)
 
     # ---- token-wise parts shared by both forwards -------------------------------------------------
@@ -70,9 +80,7 @@ class Attention(nn.Module):
         """o [T, H, Dh] -> [T, D]: inverse RoPE at the query position, grouped wo_a, wo_b."""
         o = apply_rope(o, cos, sin, inverse=True)
         G = self.cfg.o_groups
-        T = o.shape[0]
-        wa = self.wo_a.dense_weight(o.dtype).view(G, self.cfg.o_lora_rank, -1)      # [G, r, H/G*Dh]
-        y = torch.einsum("tgi,gri->tgr", o.reshape(T, G, -1), wa).reshape(T, -1)
+        y = self.wo_a.forward_grouped(o.reshape(o.shape[0], G, -1), G)                  # [T, G*r]
         return self.wo_b(y)
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

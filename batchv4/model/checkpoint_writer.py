@@ -17,21 +17,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from batchv4.config import ModelConfig
+from batchv4.config import HF_LAYER_TYPES, ModelConfig
 from batchv4.model import quant
 from batchv4.model.checkpoint_files import INDEX_FILE
 from batchv4.model.inventory import BF16, EXPERT, F32, I64, LINEAR, model_tensors, ours_to_hf
 
 _MTP_ALIAS = re.compile(r"^mtp\.\d+\.(embed|head)\.")
-_HF_LAYER_TYPE = {"window": "sliding_attention", "csa": "compressed_sparse_attention",
-                  "hca": "heavily_compressed_attention"}
+_HF_LAYER_TYPE = {kind: hf for hf, kind in HF_LAYER_TYPES.items()}
 
 
 def hf_config_dict(cfg: ModelConfig, *, fp8: bool = False, expert_dtype: str | None = None,
                    scale_format: str = "e8m0") -> dict:
-    """The HF `config.json` of `cfg` (official keys, plus transformers' explicit schedules so that
-    non-standard HCA ratios survive), describing the quantization actually written."""
-    hca = cfg.hca_ratios
+    """The HF `config.json` of `cfg` (official keys, plus transformers' explicit schedules: each
+    layer's kind in `layer_types`, so kinds and ratios that differ from the official ratio rule
+    survive), describing the quantization actually written."""
     d = {
         "model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
@@ -57,8 +56,10 @@ def hf_config_dict(cfg: ModelConfig, *, fp8: bool = False, expert_dtype: str | N
         "tie_word_embeddings": False, "attention_bias": False, "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id, "torch_dtype": "bfloat16",
     }
-    if len(hca) == 1:
-        d["compress_rates"] = {"compressed_sparse_attention": cfg.csa_ratio, "heavily_compressed_attention": hca[0]}
+    # transformers keeps one ratio per kind; with more, it cannot run the model (we still can)
+    rates = {k: cfg.ratios_of(k) for k in ("csa", "hca")}
+    if all(len(r) <= 1 for r in rates.values()) and any(rates.values()):
+        d["compress_rates"] = {_HF_LAYER_TYPE[k]: r[0] for k, r in rates.items() if r}
     if fp8:
         d["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                     "weight_block_size": [128, 128]}

@@ -3,8 +3,10 @@
 Owns: the pooling math in two forms — the obvious whole-sequence softmax (the oracle) and the
 streaming form over running accumulators (max, sum, weighted sum per channel) that the packed
 forward uses to resume from a cache slot at any position — and the indexer's scores and top-k.
+A compressor overlaps (CSA) because its layer is a CSA layer, at whatever ratio the config gives.
 Does not own: where entries are stored (pages belong to the engine; the attention module reads and
-writes them) or the attention itself.
+writes them), the attention itself, or the per-block accumulators and their merge
+(`batchv4.kernels.compressor`: `block_stats` is a Triton kernel beside its torch reference).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchv4.config import ModelConfig
+from batchv4.kernels.compressor import block_stats, empty_stats, merge_stats
 from batchv4.model import quant
 from batchv4.model.layers import Linear, RMSNorm, apply_rope
 
@@ -21,15 +24,18 @@ from batchv4.model.layers import Linear, RMSNorm, apply_rope
 class Compressor(nn.Module):
     """Pools every `ratio` tokens into one entry of width `dim`.
 
-    CSA (ratio == cfg.csa_ratio) projects to 2*dim channels: the first half pools into the NEXT
-    entry, the second half into the current one, so entry j covers blocks j-1 and j.
+    With `overlap` (the CSA kind, at any ratio) it projects to 2*dim channels: the first half
+    pools into the NEXT entry, the second half into the current one, so entry j covers blocks j-1
+    and j. `use_kernels` computes the per-block accumulators of the streaming form with the Triton
+    kernel (`batchv4.kernels.compressor.block_stats`).
     """
 
-    def __init__(self, cfg: ModelConfig, ratio: int, dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, ratio: int, dim: int, overlap: bool, use_kernels: bool = False) -> None:
         super().__init__()
         self.ratio = ratio
         self.dim = dim
-        self.overlap = ratio == cfg.csa_ratio
+        self.overlap = overlap
+        self.use_kernels = use_kernels
         c = 2 if self.overlap else 1
         self.ape = nn.Parameter(torch.zeros(ratio, c * dim))
         self.wkv = Linear(cfg.dim, c * dim)
@@ -72,33 +78,28 @@ class Compressor(nn.Module):
         Returns (raw entries [E, dim] completed by these tokens: indices p0//m .. (p0+L)//m - 1,
         new state [c, 3, dim] for entries (p0+L)//m ..).
 
-        The chunk is laid out on the block grid (padding with gate -inf), so per-block statistics
-        are plain reductions; they are merged with the carried state and, for CSA, with the
-        previous block's first-half statistics.
+        Per-block statistics of the chunk on the block grid (`block_stats`: the Triton kernel
+        with `use_kernels`, else its torch reference) are merged with the carried state and, for
+        CSA, with the previous block's first-half statistics.
         """
         m, d, c = self.ratio, self.dim, self.n_acc
         L = a.shape[0]
         base = p0 // m
         off = p0 - base * m
-        nblk = -(-(off + L) // m)
-        G = a.new_full((nblk * m, a.shape[1]), float("-inf"))
-        A = a.new_zeros((nblk * m, a.shape[1]))
-        G[off:off + L], A[off:off + L] = g, a
-        G, A = G.view(nblk, m, -1), A.view(nblk, m, -1)
+        blocks = block_stats(a, g, m, off, use_triton=self.use_kernels)          # [nblk, 3, c*d]
         if self.overlap:
-            cur = _block_stats(G[..., d:], A[..., d:])                      # B half -> entry b
-            nxt = _block_stats(G[..., :d], A[..., :d])                      # A half -> entry b+1
+            cur, nxt = blocks[..., d:], blocks[..., :d]     # B half -> entry b, A half -> entry b+1
             # entry base+i gets the B half of block i and the A half of block i-1
-            shifted = torch.cat([_empty_stats(1, d, a.device), nxt], dim=0)  # [nblk+1, 3, d]
-            stats = _merge(torch.cat([cur, _empty_stats(1, d, a.device)], dim=0), shifted)
+            shifted = torch.cat([empty_stats(1, d, a.device), nxt], dim=0)   # [nblk+1, 3, d]
+            stats = merge_stats(torch.cat([cur, empty_stats(1, d, a.device)], dim=0), shifted)
         else:
-            stats = torch.cat([_block_stats(G, A), _empty_stats(1, d, a.device)], dim=0)
-        stats[:c] = _merge(stats[:c], state)
+            stats = torch.cat([blocks, empty_stats(1, d, a.device)], dim=0)
+        stats[:c] = merge_stats(stats[:c], state)
         n_emit = (p0 + L) // m - base
         entries = stats[:n_emit, 2] / stats[:n_emit, 1]
         new_state = stats[n_emit:n_emit + c]
         if new_state.shape[0] < c:
-            new_state = torch.cat([new_state, _empty_stats(c - new_state.shape[0], d, a.device)])
+            new_state = torch.cat([new_state, empty_stats(c - new_state.shape[0], d, a.device)])
         return entries, new_state
 
     def decode_step(self, a: torch.Tensor, g: torch.Tensor, pos: torch.Tensor,
@@ -110,13 +111,13 @@ class Compressor(nn.Module):
         """
         d = self.dim
         if self.overlap:
-            cur = _merge(state[:, 0], _token_stats(g[:, d:], a[:, d:]))
-            nxt = _merge(state[:, 1], _token_stats(g[:, :d], a[:, :d]))
+            cur = merge_stats(state[:, 0], _token_stats(g[:, d:], a[:, d:]))
+            nxt = merge_stats(state[:, 1], _token_stats(g[:, :d], a[:, :d]))
         else:
-            cur, nxt = _merge(state[:, 0], _token_stats(g, a)), None
+            cur, nxt = merge_stats(state[:, 0], _token_stats(g, a)), None
         emit = (pos + 1) % self.ratio == 0
         raw = cur[:, 2] / cur[:, 1]
-        empty = _empty_stats(a.shape[0], d, a.device)
+        empty = empty_stats(a.shape[0], d, a.device)
         e = emit[:, None, None]
         if self.overlap:
             new = torch.stack([torch.where(e, nxt, cur), torch.where(e, empty, nxt)], dim=1)
@@ -147,47 +148,24 @@ class Compressor(nn.Module):
         return e
 
 
-def _empty_stats(n: int, d: int, device) -> torch.Tensor:
-    t = torch.zeros(n, 3, d, device=device)
-    t[:, 0] = float("-inf")
-    return t
-
-
-def _block_stats(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """g, a [nblk, m, d] (gate -inf = no token) -> [nblk, 3, d]: max, sum of exp, weighted sum."""
-    mx = g.amax(dim=1)                                                        # [nblk, d]
-    safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
-    w = torch.exp(g - safe[:, None])
-    return torch.stack([mx, w.sum(dim=1), (w * a).sum(dim=1)], dim=1)
-
-
 def _token_stats(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """One token as an accumulator [B, 3, d]: max g, sum 1, weighted sum a."""
     return torch.stack([g, torch.ones_like(g), a], dim=1)
-
-
-def _merge(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Merge running-softmax accumulators [n, 3, d] (an empty one has max -inf and zero sums)."""
-    mx = torch.maximum(x[:, 0], y[:, 0])
-    safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
-    fx = torch.where(torch.isinf(x[:, 0]), torch.zeros_like(mx), torch.exp(x[:, 0] - safe))
-    fy = torch.where(torch.isinf(y[:, 0]), torch.zeros_like(mx), torch.exp(y[:, 0] - safe))
-    return torch.stack([mx, x[:, 1] * fx + y[:, 1] * fy, x[:, 2] * fx + y[:, 2] * fy], dim=1)
 
 
 class Indexer(nn.Module):
     """The lightning indexer of a CSA layer: scores queries against the indexer's own compressed keys
     and keeps the top-k entries per query."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ratio: int, use_kernels: bool = False) -> None:
         super().__init__()
         self.n_heads = cfg.index_n_heads
         self.head_dim = cfg.index_head_dim
         self.topk = cfg.index_topk
-        self.ratio = cfg.csa_ratio
-        self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
+        self.ratio = ratio
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, use_kernels)
         self.weights_proj = Linear(cfg.dim, cfg.index_n_heads)
-        self.compressor = Compressor(cfg, cfg.csa_ratio, cfg.index_head_dim)
+        self.compressor = Compressor(cfg, ratio, cfg.index_head_dim, overlap=True, use_kernels=use_kernels)
 
     def queries(self, x: torch.Tensor, qa: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 sim: bool) -> tuple[torch.Tensor, torch.Tensor]:

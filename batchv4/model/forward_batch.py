@@ -33,7 +33,7 @@ class CacheLayout:
     """`kv_format`: "native" keeps window rings, compressed entries and indexer keys in `dtype`;
     "fp8" is the production layout: ring rows and entries packed as FP8 + RoPE dims in `dtype` +
     ue8m0 scales (584 B for V4 in bf16), indexer keys as FP4 (68 B). Unpacking gives exactly what the activation
-    simulation (`Transformer.set_activation_sim`) computes, so "fp8" is used with it on."""
+    simulation (`Transformer(..., activation_sim=True)`) computes, so "fp8" is used with it on."""
 
     cfg: ModelConfig
     dtype: torch.dtype = torch.bfloat16
@@ -51,6 +51,7 @@ class CacheLayout:
         return tuple(sorted({r for r in self.cfg.compress_ratios if r}))
 
     def layers_of_ratio(self, ratio: int) -> list[int]:
+        """The main layers (CSA or HCA) whose entries page with this ratio's page table."""
         return [i for i, r in enumerate(self.cfg.compress_ratios) if r == ratio]
 
     def pages_for(self, ratio: int, num_tokens: int) -> int:
@@ -72,8 +73,12 @@ class CacheLayout:
         return c.index_head_dim * _ELT[self.dtype]
 
     def bytes_per_page(self, ratio: int) -> int:
-        per_entry = self.entry_bytes() + (self.ikey_bytes() if ratio == self.cfg.csa_ratio else 0)
-        return self.page_size * per_entry * len(self.layers_of_ratio(ratio))
+        """One page of this ratio in every layer that uses it: its entries, plus the indexer keys
+        of the CSA layers among them."""
+        c = self.cfg
+        per_entry = sum(self.entry_bytes() + (self.ikey_bytes() if c.layer_kind(i) == "csa" else 0)
+                        for i in self.layers_of_ratio(ratio))
+        return self.page_size * per_entry
 
     def bytes_per_token(self) -> float:
         """Paged bytes per cached token in this layout."""

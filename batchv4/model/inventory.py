@@ -38,8 +38,8 @@ def expert_format(cfg: ModelConfig) -> str:
     return cfg.expert_dtype or cfg.weight_dtype
 
 
-def _block(cfg: ModelConfig, p: str, ratio: int, hash_layer: bool) -> Iterator[tuple[str, tuple, str]]:
-    """One block's tensors; ratio 0 = window-only, cfg.csa_ratio = CSA, other = HCA."""
+def _block(cfg: ModelConfig, p: str, kind: str, ratio: int, hash_layer: bool) -> Iterator[tuple[str, tuple, str]]:
+    """One block's tensors; kind "window" (ratio 0), "csa" or "hca"."""
     d, hc, hd = cfg.dim, cfg.hc_mult, cfg.head_dim
     mix = hc * (hc + 2)
     for site in ("attn", "ffn"):
@@ -57,13 +57,13 @@ def _block(cfg: ModelConfig, p: str, ratio: int, hash_layer: bool) -> Iterator[t
     yield f"{a}kv_norm.weight", (hd,), BF16
     yield f"{a}wo_a.weight", (cfg.o_groups * cfg.o_lora_rank, cfg.n_heads * hd // cfg.o_groups), LINEAR
     yield f"{a}wo_b.weight", (d, cfg.o_groups * cfg.o_lora_rank), LINEAR
-    if ratio:
-        yield from _compressor(cfg, f"{a}compressor.", ratio, hd)
-    if ratio == cfg.csa_ratio:
+    if kind != "window":
+        yield from _compressor(cfg, f"{a}compressor.", ratio, hd, overlap=kind == "csa")
+    if kind == "csa":
         ix = f"{a}indexer."
         yield f"{ix}wq_b.weight", (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank), LINEAR
         yield f"{ix}weights_proj.weight", (cfg.index_n_heads, d), BF16
-        yield from _compressor(cfg, f"{ix}compressor.", ratio, cfg.index_head_dim)
+        yield from _compressor(cfg, f"{ix}compressor.", ratio, cfg.index_head_dim, overlap=True)
     f = f"{p}ffn."
     e, inter = cfg.n_routed_experts, cfg.moe_inter_dim
     yield f"{f}gate.weight", (e, d), BF16
@@ -81,11 +81,11 @@ def _block(cfg: ModelConfig, p: str, ratio: int, hash_layer: bool) -> Iterator[t
         yield f"{f}shared_experts.w3.weight", (si, d), LINEAR
 
 
-def _compressor(cfg: ModelConfig, c: str, ratio: int, width: int) -> Iterator[tuple[str, tuple, str]]:
-    overlap = 2 if ratio == cfg.csa_ratio else 1  # CSA projects to two overlapping halves
-    yield f"{c}ape", (ratio, overlap * width), F32
-    yield f"{c}wkv.weight", (overlap * width, cfg.dim), BF16
-    yield f"{c}wgate.weight", (overlap * width, cfg.dim), BF16
+def _compressor(cfg: ModelConfig, c: str, ratio: int, width: int, overlap: bool) -> Iterator[tuple[str, tuple, str]]:
+    halves = 2 if overlap else 1  # CSA projects to two overlapping halves
+    yield f"{c}ape", (ratio, halves * width), F32
+    yield f"{c}wkv.weight", (halves * width, cfg.dim), BF16
+    yield f"{c}wgate.weight", (halves * width, cfg.dim), BF16
     yield f"{c}norm.weight", (width,), BF16
 
 
@@ -98,7 +98,7 @@ def model_tensors(cfg: ModelConfig, layers: list[int] | None = None, mtp: bool =
     d, hc = cfg.dim, cfg.hc_mult
     yield "embed.weight", (cfg.vocab_size, d), BF16
     for i in (range(cfg.n_layers) if layers is None else layers):
-        yield from _block(cfg, f"layers.{i}.", cfg.compress_ratios[i], cfg.is_hash_layer(i))
+        yield from _block(cfg, f"layers.{i}.", cfg.layer_kind(i), cfg.compress_ratios[i], cfg.is_hash_layer(i))
     yield "norm.weight", (d,), BF16
     yield "head.weight", (cfg.vocab_size, d), BF16
     yield "hc_head_fn", (hc, hc * d), F32
@@ -107,7 +107,7 @@ def model_tensors(cfg: ModelConfig, layers: list[int] | None = None, mtp: bool =
     if mtp:
         for j in range(cfg.n_mtp_layers):
             p = f"mtp.{j}."
-            yield from _block(cfg, p, 0, False)
+            yield from _block(cfg, p, "window", 0, False)
             yield f"{p}e_proj.weight", (d, d), LINEAR
             yield f"{p}h_proj.weight", (d, d), LINEAR
             for n in ("enorm", "hnorm", "norm"):

@@ -36,12 +36,18 @@ def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Linear(nn.Module):
     """y = x @ W^T. `weight` is a float tensor, or float8_e4m3fn with a float32 `scale` buffer of
-    128x128 blocks (kept quantized and resident; dequantized per call on the torch path)."""
+    128x128 blocks (kept quantized and resident).
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    A resident FP8 weight runs, with `use_kernels`, through `batchv4.kernels.fp8_gemm` (the
+    activation quantized to e4m3 per row and 128-wide block, then the block-scaled GEMM: what the
+    official inference code does); without, it is dequantized per call and multiplied in x's dtype
+    (the activation is not quantized). Float weights take the plain matmul either way."""
+
+    def __init__(self, in_features: int, out_features: int, use_kernels: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.use_kernels = use_kernels
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("scale", None)
 
@@ -51,8 +57,32 @@ class Linear(nn.Module):
             return quant.dequant_fp8_block(w, self.scale).to(dtype)
         return w if w.dtype == dtype else w.to(dtype)
 
+    def _fp8_kernel(self) -> bool:
+        return self.use_kernels and self.weight.dtype == torch.float8_e4m3fn
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x's dtype."""
+        if self._fp8_kernel():
+            from batchv4.kernels.fp8_gemm import fp8_linear
+
+            y = fp8_linear(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scale, use_triton=True)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dense_weight(x.dtype))
+
+    def forward_grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """The grouped projection (V4's wo_a): x [T, G, in] -> [T, out], group g through the
+        g-th block of out/G rows of `weight` [out, in]."""
+        T, G = x.shape[0], groups
+        rows = self.out_features // G
+        # each group's rows must start on a 128-row scale block for the kernel's per-group slice
+        if self._fp8_kernel() and rows % 128 == 0:
+            from batchv4.kernels.fp8_gemm import fp8_linear
+
+            b = rows // 128
+            return torch.cat([fp8_linear(x[:, g].contiguous(), self.weight[g * rows:(g + 1) * rows],
+                                         self.scale[g * b:(g + 1) * b], use_triton=True) for g in range(G)], dim=-1)
+        wa = self.dense_weight(x.dtype).view(G, rows, -1)                             # [G, r, in]
+        return torch.einsum("tgi,gri->tgr", x, wa).reshape(T, -1)
 
 
 # ---- RoPE ----------------------------------------------------------------------------------------

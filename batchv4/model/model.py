@@ -10,6 +10,8 @@ files (`checkpoint.py`).
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +33,8 @@ class Embedding(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ratio: int, hash_routed: bool) -> None:
+    def __init__(self, cfg: ModelConfig, kind: str, ratio: int, hash_routed: bool, use_kernels: bool = False,
+                 activation_sim: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         n = cfg.hc_mult
@@ -44,9 +47,9 @@ class Block(nn.Module):
         self.hc_ffn_scale = nn.Parameter(torch.ones(3))
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, ratio)
-        self.ffn = MoE(cfg, hash_routed)
-        self.use_kernels = False  # the Triton mHC kernels (the model sets it on CUDA)
+        self.attn = Attention(cfg, kind, ratio, use_kernels, activation_sim)
+        self.ffn = MoE(cfg, hash_routed, use_kernels)
+        self.use_kernels = use_kernels  # the Triton mHC kernels
 
     def _pre(self, x, fn, base, scale):
         if self.use_kernels:
@@ -86,11 +89,11 @@ class MTPBlock(Block):
     """Depth-1 multi-token prediction: fuses the main model's pre-collapse streams at position t with
     the embedding of token t+1 and predicts token t+2. Shares embed and head with the main model."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg, ratio=0, hash_routed=False)
+    def __init__(self, cfg: ModelConfig, use_kernels: bool = False, activation_sim: bool = False) -> None:
+        super().__init__(cfg, "window", 0, False, use_kernels, activation_sim)
         n = cfg.hc_mult
-        self.e_proj = Linear(cfg.dim, cfg.dim)
-        self.h_proj = Linear(cfg.dim, cfg.dim)
+        self.e_proj = Linear(cfg.dim, cfg.dim, use_kernels)
+        self.h_proj = Linear(cfg.dim, cfg.dim, use_kernels)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -109,37 +112,54 @@ class MTPBlock(Block):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: list[int] | None = None) -> None:
-        """`layers` builds only a subset of the main layers (real widths on one device)."""
+    def __init__(self, cfg: ModelConfig, layers: list[int] | None = None, *, use_kernels: bool = False,
+                 activation_sim: bool = False) -> None:
+        """`layers` builds only a subset of the main layers (real widths on one device).
+
+        `use_kernels`: the Triton kernels (fused MoE, sparse attention, indexer top-k, compressor
+        accumulators, mHC, FP8 GEMM for resident FP8 linears); the engine chooses them for CUDA
+        devices, and on a CPU they run only under TRITON_INTERPRET=1 (tests). `activation_sim`:
+        the reference's FP8/FP4 activation-quantization simulation (window and compressed KV,
+        indexer queries and keys), which transformers lacks; the fp8 cache layout holds exactly
+        its values. Both are fixed when the model is built."""
         super().__init__()
         self.cfg = cfg
+        self.use_kernels = use_kernels
+        self.activation_sim = activation_sim
         n = cfg.hc_mult
         self.layer_ids = list(range(cfg.n_layers)) if layers is None else sorted(layers)
         self.embed = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({
-            str(i): Block(cfg, cfg.compress_ratios[i], cfg.is_hash_layer(i)) for i in self.layer_ids
+            str(i): Block(cfg, cfg.layer_kind(i), cfg.compress_ratios[i], cfg.is_hash_layer(i), use_kernels,
+                          activation_sim)
+            for i in self.layer_ids
         })
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = Embedding(cfg.vocab_size, cfg.dim)  # [V, D], applied as a linear in fp32
         self.hc_head_fn = nn.Parameter(torch.empty(n, n * cfg.dim))
         self.hc_head_base = nn.Parameter(torch.zeros(n))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
-        self.mtp = nn.ModuleList([MTPBlock(cfg) for _ in range(cfg.n_mtp_layers)])
+        self.mtp = nn.ModuleList([MTPBlock(cfg, use_kernels, activation_sim) for _ in range(cfg.n_mtp_layers)])
 
-    # ---- options ---------------------------------------------------------------------------------
+    @classmethod
+    def random(cls, cfg: ModelConfig, seed: int = 0, layers: list[int] | None = None, *,
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", std: float = 0.02,
+               **build) -> "Transformer":
+        """A seeded random model built in `dtype` on `device` directly: the module tree on the
+        meta device, storage allocated once where it lives, every tensor filled by `init_random`
+        (no float32 copy to convert, no init that is overwritten). `build`: use_kernels,
+        activation_sim."""
+        with torch.device("meta"):
+            model = cls(cfg, layers, **build)
+        return model.to(dtype).to_empty(device=device).init_random(seed, std)
+
     def set_activation_sim(self, on: bool) -> None:
-        """FP8/FP4 activation-quantization simulation of the reference (window and compressed KV,
-        indexer queries and keys). Off by default; transformers has no equivalent."""
-        for m in self.modules():
-            if hasattr(m, "sim"):
-                m.sim = on
-
-    def set_kernels(self, on: bool) -> None:
-        """The Triton kernels (fused MoE, sparse attention, indexer top-k, mHC). The engine turns
-        them on for CUDA devices; on a CPU they run only under TRITON_INTERPRET=1 (tests)."""
-        for m in self.modules():
-            if hasattr(m, "use_kernels"):
-                m.use_kernels = on
+        """Kept for tests/engine/test_engine.py, which switches the simulation on a built engine;
+        build with `activation_sim=` instead. Sets the flag of the attention modules this model
+        built (the only modules that read it)."""
+        self.activation_sim = on
+        for blk in [*self.layers.values(), *self.mtp]:
+            blk.attn.sim = on
 
     def cache_layout(self, dtype: torch.dtype | None = None, page_size: int = 64,
                      with_mtp: bool = False, kv_format: str = "native") -> CacheLayout:
@@ -147,23 +167,24 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_random(self, seed: int = 0, std: float = 0.02) -> "Transformer":
-        """Seeded random weights (tests, benchmarks, the built-in tiny model); routing tables get
-        duplicate-free rows."""
-        g = torch.Generator().manual_seed(seed)
+        """Seeded random weights (tests, benchmarks, the built-in tiny model), filled in place in
+        each tensor's dtype: normal(0, std), norms and mHC scales 1 + normal(0, 0.1), routing tables
+        with duplicate-free rows. Each tensor draws from its own generator seeded by (seed, name),
+        on the CPU, so a tensor's values depend only on the seed, its name, shape and dtype and the
+        torch version (not on the device, or on which other layers were built)."""
         for name, p in self.named_parameters():
-            if name.endswith(("_base", "attn_sink", ".bias", "ape")):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-            elif name.endswith("_scale"):
-                p.copy_(torch.ones(p.shape) + torch.randn(p.shape, generator=g) * 0.1)
-            elif "norm" in name:
-                p.copy_(torch.ones(p.shape) + torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+            centred = name.endswith(("_base", "attn_sink", ".bias", "ape"))
+            around_one = not centred and (name.endswith("_scale") or "norm" in name)
+            _fill_normal(p, name, seed, *((1.0, 0.1) if around_one else (0.0, std)))
+        E = self.cfg.n_routed_experts
         for name, b in self.named_buffers():
             if name.endswith("tid2eid"):
-                E = self.cfg.n_routed_experts
-                rows = torch.stack([torch.randperm(E, generator=g)[: b.shape[1]] for _ in range(b.shape[0])])
-                b.copy_(rows)
+                # the first k of a random permutation per row: argsort of uniform keys, one call
+                # for all rows (a stable sort, so ties, if any, break the same way everywhere)
+                keys = torch.rand(b.shape[0], E, generator=_generator(name, seed))
+                b.copy_(torch.sort(keys, dim=1, stable=True).indices[:, : b.shape[1]].to(b.device))
+            elif b.is_meta or b.is_floating_point():
+                raise ValueError(f"init_random does not know how to fill buffer {name}")
         return self
 
     # ---- forwards --------------------------------------------------------------------------------
@@ -213,3 +234,16 @@ class Transformer(nn.Module):
         x = blk.fuse(streams, self.embed(next_ids))
         x = blk.forward_reference(x, next_ids)
         return self.logits(blk.collapse(x))
+
+
+def _generator(name: str, seed: int) -> torch.Generator:
+    # crc32, not hash(): Python salts str hashes per process
+    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % (1 << 63))
+
+
+def _fill_normal(p: torch.Tensor, name: str, seed: int, mean: float, std: float) -> None:
+    g = _generator(name, seed)
+    if p.device.type == "cpu":
+        p.normal_(mean, std, generator=g)
+    else:  # CPU generators only: draw on the CPU in p's dtype, then one copy
+        p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(mean, std, generator=g))

@@ -130,12 +130,13 @@ class Experts(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, use_kernels: bool = False) -> None:
         super().__init__()
         self.limit = cfg.swiglu_limit
-        self.w1 = Linear(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts)
-        self.w3 = Linear(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts)
-        self.w2 = Linear(cfg.moe_inter_dim * cfg.n_shared_experts, cfg.dim)
+        inter = cfg.moe_inter_dim * cfg.n_shared_experts
+        self.w1 = Linear(cfg.dim, inter, use_kernels)
+        self.w3 = Linear(cfg.dim, inter, use_kernels)
+        self.w2 = Linear(inter, cfg.dim, use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D] fp32 (clamped like the routed experts: the post-release behaviour)."""
@@ -145,12 +146,14 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, hash_routed: bool) -> None:
+    def __init__(self, cfg: ModelConfig, hash_routed: bool, use_kernels: bool = False) -> None:
+        """`use_kernels`: the fused Triton MoE for the routed experts and the FP8 GEMM for a
+        resident FP8 shared expert (CUDA devices; CPU tensors under TRITON_INTERPRET=1)."""
         super().__init__()
         self.gate = Gate(cfg, hash_routed)
         self.experts = Experts(cfg)
-        self.shared_experts = SharedExpert(cfg)
-        self.use_kernels = False  # the fused Triton MoE, when the weights live on a CUDA device
+        self.shared_experts = SharedExpert(cfg, use_kernels)
+        self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """x [T, D], token_ids [T] -> [T, D] in x.dtype."""

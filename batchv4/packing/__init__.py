@@ -6,7 +6,7 @@ ordering and snapshot rules.
 
 from batchv4.packing.keys import grouping_key, shard_of
 from batchv4.packing.lru import naive_lru_prefill
-from batchv4.packing.planner import plan, plan_with_stats
+from batchv4.packing.planner import plan, plan_counts, plan_with_stats
 from batchv4.packing.types import PackConfig, PackInput, PlannedRequest, PlanStats, SavePoint
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "grouping_key",
     "naive_lru_prefill",
     "plan",
+    "plan_counts",
     "plan_with_stats",
     "shard_of",
 ]

@@ -32,7 +32,10 @@ def as_token_array(token_ids: Sequence[int], where: str | None = None) -> np.nda
     """
     if _FAST_U32 and type(token_ids) in (list, tuple, range):
         try:
-            return np.frombuffer(array.array("I", token_ids), dtype=np.uint32)
+            # copied: a view would keep the array.array and two buffer objects alive per row, all
+            # tracked by the cyclic GC, whose full passes over a window's rows then cost more
+            # than the copy (the planner holds a window's rows until it is planned)
+            return np.frombuffer(array.array("I", token_ids), dtype=np.uint32).copy()
         except (OverflowError, TypeError):
             pass  # the numpy path below gives the precise error
     try:

@@ -70,6 +70,19 @@ def plan(
     return _Planner(cfg, stats if stats is not None else PlanStats()).run(items)
 
 
+def plan_counts(items: Iterable[PackInput], *, stats: PlanStats | None = None,
+                **options: object) -> Iterator[tuple[object, int, int, int]]:
+    """`plan()`'s requests as `(key, prompt tokens, resume_pos, api_hit_tokens)`, in plan order,
+    for callers that only count (the estimate): the same plan and stats, without building each
+    request's token tuple, save points and object, which take most of planning's time. Takes
+    plan()'s keyword options."""
+    if stats is not None and not isinstance(stats, PlanStats):
+        raise ValueError(f"stats must be a PlanStats, got {type(stats).__name__}")
+    config = options.pop("config", None)
+    return _Planner(_config(config, options), stats if stats is not None else PlanStats(),  # type: ignore[arg-type]
+                    counts_only=True).run(items)
+
+
 def plan_with_stats(items: Iterable[PackInput], **options: object) -> tuple[list[PlannedRequest], PlanStats]:
     """The whole plan as a list, and its stats. Takes plan()'s keyword options."""
     if "stats" in options:
@@ -89,9 +102,10 @@ def _row(item: object, ordinal: int) -> tuple[object, np.ndarray]:
 
 
 class _Planner:
-    def __init__(self, config: PackConfig, stats: PlanStats) -> None:
+    def __init__(self, config: PackConfig, stats: PlanStats, counts_only: bool = False) -> None:
         self._cfg = config
         self._stats = stats
+        self._counts_only = counts_only
         # Ids start at 0 for every plan, even when a caller's stats object accumulates several.
         self._next_group = 0
         self._next_snap = 0
@@ -179,6 +193,10 @@ class _Planner:
         stats.groups += wp.groups
         stats.windows += 1
 
+        if self._counts_only:
+            lens_l = lens.tolist()
+            yield from zip([keys[r] for r in wp.rows], [lens_l[r] for r in wp.rows], wp.resume_pos, wp.api_hit)
+            return
         tokens = window.tokens
         offsets = window.offsets.tolist()
         group = first_group - 1

@@ -49,6 +49,23 @@ class FoldedLLM:
         return self.llm.stats()
 
 
+class EchoEngine:
+    """The engine interface `run` uses, with no model: every request comes back at once with a
+    fixed two-token output."""
+
+    def generate_stream(self, requests):
+        from batchv4.engine.outputs import CompletionOutput, RequestOutput
+
+        for r in requests:
+            yield RequestOutput(r.request_id, r.prompt_token_ids, r.resume_pos,
+                                [CompletionOutput(i, "ok", [100, 101], "length")
+                                 for i in range(r.params.n)])
+
+    def stats(self) -> dict:
+        return {"forward_seconds": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0,
+                "preemptions": 0, "snapshot_evictions": 0, "peak_snapshots": 0}
+
+
 def folded_llm(cfg) -> FoldedLLM:
     from batchv4.engine.llm import LLM
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_engines import read_error_rows, read_outputs, write_jsonl  # noqa: E402
+from cli_engines import EchoEngine, read_error_rows, read_outputs, write_jsonl  # noqa: E402
 
 from batchv4.io.rows import RowRequest  # noqa: E402
 from batchv4.pipelines.run_state import RunState  # noqa: E402
@@ -83,21 +83,6 @@ def test_records_without_kept_columns():
         req = RowRequest(5, "only", [{"role": "user", "content": "hi"}], {}, {}, "h")
         st.put([(req, SamplingParams(), False)])
         assert st.get("only") == (req, SamplingParams(), False)
-
-
-class EchoEngine:
-    """The engine interface `run` uses, with no model: every request comes back at once."""
-
-    def generate_stream(self, requests):
-        from batchv4.engine.outputs import CompletionOutput, RequestOutput
-
-        for r in requests:
-            yield RequestOutput(r.request_id, r.prompt_token_ids, r.resume_pos,
-                                [CompletionOutput(0, "ok", [100, 101], "length")])
-
-    def stats(self) -> dict:
-        return {"forward_seconds": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0,
-                "preemptions": 0, "snapshot_evictions": 0, "peak_snapshots": 0}
 
 
 def _prompt(i: int) -> str:

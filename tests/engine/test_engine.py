@@ -127,14 +127,16 @@ def test_context_limit_is_an_error():
 
 
 def test_stack_rows_reuses_a_whole_logits_tensor_and_copies_otherwise():
-    from batchv4.engine.llm import _stack_rows
+    from batchv4.engine.runner import _stack_rows
 
     x = torch.randn(3, 5)
-    assert _stack_rows([x[i] for i in range(3)]) is x
-    assert torch.equal(_stack_rows([x[2], x[0], x[1]]), x[[2, 0, 1]])
-    assert torch.equal(_stack_rows([x[0], x[1]]), x[:2])
+    assert _stack_rows([x[i] for i in range(3)], x) is x
+    assert torch.equal(_stack_rows([x[2], x[0], x[1]], x), x[[2, 0, 1]])
+    assert torch.equal(_stack_rows([x[0], x[1]], x), x[:2])
+    assert torch.equal(_stack_rows([x[0], x[0], x[1]], x), x[[0, 0, 1]])     # a fork's repeated row
     y = torch.randn(2, 5)
-    assert torch.equal(_stack_rows([x[0], y[1], x[2]]), torch.stack([x[0], y[1], x[2]]))
+    assert torch.equal(_stack_rows([x[0], y[1], x[2]], x), torch.stack([x[0], y[1], x[2]]))
+    assert torch.equal(_stack_rows([y[0], y[1]], None), y)
 
 
 def test_fp8_kv_cache_equals_native_pools_under_the_same_simulation():

@@ -9,7 +9,8 @@ import torch
 
 from batchv4 import LLM, SamplingParams
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (pinned in the test extra: a missing one fails, never skips)
+
 transformers.logging.set_verbosity_error()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from hf_oracle import hf_model_like  # noqa: E402

@@ -8,13 +8,16 @@ from batchv4.kernels.quant import pow2_scale_ref
 
 
 def test_backend_is_chosen_by_device_not_by_a_flag(monkeypatch):
-    cpu = torch.zeros(2)
+    cpu = torch.zeros(2, device="cpu")
     assert pick_triton(None, [cpu]) is False  # CPU tensors: reference, even under the interpreter
     assert pick_triton(False, [cpu]) is False
-    assert pick_triton(True, [cpu, None]) is True  # TRITON_INTERPRET=1 (conftest)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pick_triton(True, [cpu, None]) is True
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         pick_triton(True, [cpu])
+    if torch.cuda.is_available():
+        assert pick_triton(None, [torch.zeros(2, device="cuda")]) is True
 
 
 def test_pow2_scale_is_exact_at_powers_of_two():

@@ -11,8 +11,10 @@ from batchv4.model.forward_batch import CachePools, ForwardBatch
 class Harness:
     def __init__(self, model, num_slots: int = 8, num_pages: int = 64, page_size: int = 4):
         self.model = model
+        self.device = model.embed.weight.device   # pools and batches live where the model does
         self.layout = model.cache_layout(page_size=page_size)
-        self.pools = CachePools.allocate(self.layout, num_slots, {r: num_pages for r in self.layout.ratios})
+        self.pools = CachePools.allocate(self.layout, num_slots, {r: num_pages for r in self.layout.ratios},
+                                         device=self.device)
         self.next_page = {r: 0 for r in self.layout.ratios}
         self.tables: dict[int, dict[int, list[int]]] = {}   # seq -> ratio -> pages
         self.length: dict[int, int] = {}                     # seq -> tokens in cache
@@ -34,7 +36,7 @@ class Harness:
             for r in self.layout.ratios:
                 tables[r].append(self.tables[seq][r])
             self.length[seq] = p0 + len(toks)
-        fb = ForwardBatch.build(seqs, tables, saves=list(saves), restores=list(restores))
+        fb = ForwardBatch.build(seqs, tables, saves=list(saves), restores=list(restores), device=self.device)
         return self.model(fb, self.pools)
 
     def fork(self, src: int, dst: int, snap_slot: int) -> None:

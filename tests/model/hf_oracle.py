@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from batchv4.config import ModelConfig
+from batchv4.config import HF_LAYER_TYPES, ModelConfig
+
+_HF_LAYER_TYPE = {kind: hf for hf, kind in HF_LAYER_TYPES.items()}
+_HF_DEFAULT_RATE = {"csa": 4, "hca": 128}
 
 _ATTN = {"wq_a": "q_a_proj", "q_norm": "q_a_norm", "wq_b": "q_b_proj", "wkv": "kv_proj",
          "kv_norm": "kv_norm", "wo_a": "o_a_proj", "wo_b": "o_b_proj"}
@@ -13,14 +16,23 @@ _COMP = {"wkv": "kv_proj", "wgate": "gate_proj", "ape": "position_bias", "norm":
 _SHARED = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
+def require_transformers():
+    """transformers is pinned in the `test` extra: without it the run fails, it never skips."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("tests/model need transformers==5.23.0, the model's numerical oracle (pinned in the "
+                          "'test' extra: pip install -e '.[test]')") from e
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
 def hf_config(cfg: ModelConfig):
     from transformers import DeepseekV4Config
 
-    kinds = {"window": "sliding_attention", "csa": "compressed_sparse_attention",
-             "hca": "heavily_compressed_attention"}
-    hca = cfg.hca_ratios
-    if len(hca) > 1:
-        raise ValueError("transformers supports one HCA ratio")
+    rates = {k: cfg.ratios_of(k) for k in ("csa", "hca")}
+    if any(len(r) > 1 for r in rates.values()):
+        raise ValueError("transformers supports one ratio per layer kind")
     return DeepseekV4Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, moe_intermediate_size=cfg.moe_inter_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=1,
@@ -31,9 +43,8 @@ def hf_config(cfg: ModelConfig):
         hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
         rms_norm_eps=cfg.norm_eps, routed_scaling_factor=cfg.route_scale, swiglu_limit=cfg.swiglu_limit,
         rope_theta=cfg.rope_theta, compress_rope_theta=cfg.compress_rope_theta,
-        layer_types=[kinds[cfg.layer_kind(i)] for i in range(cfg.n_layers)],
-        compress_rates={"compressed_sparse_attention": cfg.csa_ratio,
-                        "heavily_compressed_attention": hca[0] if hca else 128},
+        layer_types=[_HF_LAYER_TYPE[cfg.layer_kind(i)] for i in range(cfg.n_layers)],
+        compress_rates={_HF_LAYER_TYPE[k]: r[0] if r else _HF_DEFAULT_RATE[k] for k, r in rates.items()},
         rope_parameters={"rope_type": "yarn", "factor": cfg.rope_factor,
                          "original_max_position_embeddings": cfg.original_seq_len,
                          "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow},

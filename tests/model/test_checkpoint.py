@@ -16,6 +16,7 @@ from batchv4.model.checkpoint import (CheckpointError, assign_tensor, expected_i
                                       save_hf_checkpoint, save_official_checkpoint)
 from batchv4.model.inventory import model_tensors
 from batchv4.model.model import Transformer
+from hf_oracle import require_transformers
 
 CFG = ModelConfig.load("test")
 
@@ -190,7 +191,7 @@ def test_hf_layout_from_our_writer(tmp_path, ref_state, caplog):
 def test_transformers_layouts(tmp_path):
     """A real transformers model, saved as its state dict and through save_pretrained (the
     half-reverted hybrid), loads into the same weights."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     from batchv4.model.checkpoint_writer import hf_config_dict
 
     torch.manual_seed(0)

@@ -8,9 +8,9 @@ from batchv4.config import ModelConfig
 from batchv4.model.model import Transformer
 from cache_harness import Harness
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
-from hf_oracle import hf_model_like  # noqa: E402
+from hf_oracle import hf_model_like, require_transformers
+
+transformers = require_transformers()
 
 LENGTHS = [1, 3, 4, 5, 8, 9, 15, 16, 17, 20, 37, 64, 70]
 TOL = 1e-4

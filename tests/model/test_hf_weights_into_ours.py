@@ -4,7 +4,6 @@ logits."""
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -12,9 +11,9 @@ from batchv4.config import ModelConfig
 from batchv4.model.checkpoint import load_checkpoint
 from batchv4.model.model import Transformer
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
-from hf_oracle import hf_config  # noqa: E402
+from hf_oracle import hf_config, require_transformers
+
+transformers = require_transformers()
 
 
 def test_transformers_weights_load_into_ours(tmp_path):

@@ -105,18 +105,16 @@ def test_batched_decode_of_many_sequences(model, batched):
     start = [1, 9, 10, 24, 3, 2, 5, 37]
     steps = min(len(s) - st for s, st in zip(seqs, start))
     try:
-        for m in model.modules():
-            if hasattr(m, "batched_decode"):
-                m.batched_decode = batched
+        for blk in model.layers.values():
+            blk.attn.batched_decode = batched
         h.step([(i, s[:start[i]]) for i, s in enumerate(seqs)])
         for k in range(steps):
             out = h.step([(i, [s[start[i] + k]]) for i, s in enumerate(seqs)])
             for i in range(len(seqs)):
                 assert (out[i] - refs[i][start[i] + k]).abs().max() < TOL, (i, k)
     finally:
-        for m in model.modules():
-            if hasattr(m, "batched_decode"):
-                m.batched_decode = True
+        for blk in model.layers.values():
+            blk.attn.batched_decode = True
 
 
 def test_fp8_cache_layout_equals_the_native_one_under_simulation(model):
@@ -127,26 +125,30 @@ def test_fp8_cache_layout_equals_the_native_one_under_simulation(model):
 
     g = torch.Generator().manual_seed(21)
     seqs = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (41, 23, 30)]
-    model.set_activation_sim(True)
-    try:
-        outs = []
-        for fmt in ("native", "fp8"):
-            h = Harness(model)
-            h.layout = model.cache_layout(page_size=4, kv_format=fmt)
-            h.pools = CachePools.allocate(h.layout, 8, {r: 64 for r in h.layout.ratios})
-            got = [h.step([(0, seqs[0][:17]), (1, seqs[1][:9])]), h.step([(0, seqs[0][17:33]), (2, seqs[2][:20])])]
-            for k in range(8):
-                got.append(h.step([(0, [seqs[0][33 + k]]), (1, [seqs[1][9 + k]]), (2, [seqs[2][20 + k]])]))
-            outs.append(torch.cat(got))
-            if fmt == "fp8":
-                assert all(t.dtype == torch.uint8 for t in list(h.pools.comp.values()) + h.pools.window)
-                native = model.cache_layout(page_size=4)
-                assert h.layout.bytes_per_token() < 0.6 * native.bytes_per_token()
-                assert h.layout.bytes_per_slot() < native.bytes_per_slot()
-        assert (outs[0] - outs[1]).abs().max() < 1e-5
-        # against the one-sequence reference with the same simulation: a float difference of 1e-7
-        # can move a value across an FP8/FP4 rounding boundary, hence the looser bound
-        ref = model.forward_reference(torch.tensor(seqs[2][:28]))[-1]
-        assert (outs[1][-1] - ref).abs().max() < 1e-3
-    finally:
-        model.set_activation_sim(False)
+    model = with_sim(model)
+    outs = []
+    for fmt in ("native", "fp8"):
+        h = Harness(model)
+        h.layout = model.cache_layout(page_size=4, kv_format=fmt)
+        h.pools = CachePools.allocate(h.layout, 8, {r: 64 for r in h.layout.ratios})
+        got = [h.step([(0, seqs[0][:17]), (1, seqs[1][:9])]), h.step([(0, seqs[0][17:33]), (2, seqs[2][:20])])]
+        for k in range(8):
+            got.append(h.step([(0, [seqs[0][33 + k]]), (1, [seqs[1][9 + k]]), (2, [seqs[2][20 + k]])]))
+        outs.append(torch.cat(got))
+        if fmt == "fp8":
+            assert all(t.dtype == torch.uint8 for t in list(h.pools.comp.values()) + h.pools.window)
+            native = model.cache_layout(page_size=4)
+            assert h.layout.bytes_per_token() < 0.6 * native.bytes_per_token()
+            assert h.layout.bytes_per_slot() < native.bytes_per_slot()
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    # against the one-sequence reference with the same simulation: a float difference of 1e-7
+    # can move a value across an FP8/FP4 rounding boundary, hence the looser bound
+    ref = model.forward_reference(torch.tensor(seqs[2][:28]))[-1]
+    assert (outs[1][-1] - ref).abs().max() < 1e-3
+
+
+def with_sim(model: Transformer) -> Transformer:
+    """The same weights with the activation simulation on (it is chosen when a model is built)."""
+    sim = Transformer(model.cfg, activation_sim=True).float()
+    sim.load_state_dict(model.state_dict())
+    return sim

@@ -10,9 +10,7 @@ from cache_harness import Harness
 
 
 def model(sim: bool) -> Transformer:
-    m = Transformer(ModelConfig.load("test")).float().init_random(3, std=0.1)
-    m.set_activation_sim(sim)
-    return m
+    return Transformer(ModelConfig.load("test"), activation_sim=sim).float().init_random(3, std=0.1)
 
 
 def test_simulation_stores_fp8_window_kv_and_fp4_indexer_keys():
