@@ -243,7 +243,8 @@ def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None):
             return True
         return False
 
-    for batch in fe.batches(state.seen, on_error, counts, timings, skip=skip, quiet=cfg.quiet):
+    for batch in fe.batches(state.seen, on_error, counts, timings, skip=skip, quiet=cfg.quiet,
+                            seen_many=state.seen_many):
         if on_first_row is not None:
             on_first_row()
         state.put([(r.req, r.sampling, r.thinking) for r in batch])

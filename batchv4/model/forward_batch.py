@@ -238,10 +238,9 @@ class ForwardBatch:
     """Many sequences' new tokens, concatenated without padding.
 
     Sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1]; its tokens sit at consecutive absolute
-    positions starting at start_pos[b] (the number of tokens already in its cache). Before the
-    forward, `restores` copy snapshot slots into running slots and `page_copies` copy partly
-    filled pages; after it, `saves` copy running slots into snapshot slots (the engine cuts chunks
-    so that a snapshot position is the end of a chunk).
+    positions starting at start_pos[b] (the number of tokens already in its cache). Pool copies
+    (snapshot restores and saves, forks) are not part of it: the engine's runner makes them
+    before and after the forward, in one place.
     """
 
     token_ids: torch.Tensor                     # [T] int64
@@ -251,9 +250,6 @@ class ForwardBatch:
     slots: list[int]                            # [B] window / pending-state slot of each sequence
     page_tables: dict[int, torch.Tensor]        # ratio -> [B, max_pages] int64 page ids (-1 unused)
     logits_indices: torch.Tensor                # [L] int64 rows of the T tokens that need logits
-    restores: list[tuple[int, int]] = field(default_factory=list)   # (snapshot slot, running slot)
-    saves: list[tuple[int, int]] = field(default_factory=list)      # (running slot, snapshot slot)
-    page_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (ratio, src page, dst page)
     _decode: "DecodeRows | None | bool" = field(default=False, init=False, repr=False, compare=False)
 
     def decode_rows(self) -> "DecodeRows | None":
@@ -277,8 +273,7 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, seqs: list[tuple[list[int], int, int]], page_tables: dict[int, list[list[int]]],
-              logits_for: list[bool] | None = None, device: torch.device | str = "cpu",
-              **copies) -> "ForwardBatch":
+              logits_for: list[bool] | None = None, device: torch.device | str = "cpu") -> "ForwardBatch":
         """Convenience builder. seqs: (new token ids, start position, slot) per sequence;
         page_tables[ratio][b] = page ids of sequence b; logits_for[b]: logits of b's last token."""
         ids, pos, cu = [], [], [0]
@@ -302,5 +297,4 @@ class ForwardBatch:
             positions=torch.tensor(pos, dtype=torch.int64, device=device),
             cu_seqlens=cu, start_pos=[p for _, p, _ in seqs], slots=[s for _, _, s in seqs],
             page_tables=tables, logits_indices=torch.tensor(li, dtype=torch.int64, device=device),
-            **copies,
         )

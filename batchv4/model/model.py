@@ -209,10 +209,6 @@ class Transformer(nn.Module):
     def forward(self, fb: ForwardBatch, pools: CachePools, return_streams: bool = False):
         """One packed step. Returns logits [len(fb.logits_indices), V] fp32 (and the streams
         [T, n, D] when asked, for MTP)."""
-        for src, dst in fb.restores:
-            pools.copy_slot(src, dst)
-        for ratio, src, dst in fb.page_copies:
-            pools.copy_page(ratio, src, dst)
         for b, p0 in enumerate(fb.start_pos):
             if p0 == 0 and fb.cu_seqlens[b + 1] > fb.cu_seqlens[b]:
                 pools.reset_slot(fb.slots[b])
@@ -220,8 +216,6 @@ class Transformer(nn.Module):
         x = self.embed(ids).unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
         for i in self.layer_ids:
             x = self.layers[str(i)](x, ids, fb, pools, i)
-        for src, dst in fb.saves:
-            pools.copy_slot(src, dst)
         h = self.collapse(x[fb.logits_indices])
         logits = self.logits(h)
         return (logits, x) if return_streams else logits

@@ -27,7 +27,9 @@ class Harness:
                 self.next_page[r] += 1
 
     def step(self, chunks: list[tuple[int, list[int]]], saves=(), restores=()) -> torch.Tensor:
-        """chunks: (seq id = slot, new tokens). Returns logits of each chunk's last token [B, V]."""
+        """chunks: (seq id = slot, new tokens). Returns logits of each chunk's last token [B, V].
+        `restores` (snapshot slot, running slot) are copied before the forward and `saves`
+        (running slot, snapshot slot) after it, as the engine's runner does."""
         seqs, tables = [], {r: [] for r in self.layout.ratios}
         for seq, toks in chunks:
             p0 = self.length.get(seq, 0)
@@ -36,8 +38,13 @@ class Harness:
             for r in self.layout.ratios:
                 tables[r].append(self.tables[seq][r])
             self.length[seq] = p0 + len(toks)
-        fb = ForwardBatch.build(seqs, tables, saves=list(saves), restores=list(restores), device=self.device)
-        return self.model(fb, self.pools)
+        for src, dst in restores:
+            self.pools.copy_slot(src, dst)
+        fb = ForwardBatch.build(seqs, tables, device=self.device)
+        logits = self.model(fb, self.pools)
+        for src, dst in saves:
+            self.pools.copy_slot(src, dst)
+        return logits
 
     def fork(self, src: int, dst: int, snap_slot: int) -> None:
         """Give sequence dst the state of src at its current length via a snapshot slot (full pages
