@@ -21,6 +21,7 @@ from typing import Any
 
 from batchv4.errors import UserError
 from batchv4.io.rows import ROW_ONLY_PARAMS, RowError, RowRequest, RowSpec
+from batchv4.io.rows import dump_row as _json
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class Frontend:
         for key in ("read_build", "tokenize"):
             timings.setdefault(key, 0.0)
         shard = opts.shard
-        bars = [_bar(quiet, "read", "row"), _bar(quiet, "tokenize", "tok")]
+        bars = [progress_bar(quiet, "read", "row"), progress_bar(quiet, "tokenize", "tok")]
         check = seen_many or (lambda ids: [seen(i) for i in ids])
         self.tokenize_busy = 0.0
 
@@ -354,16 +355,7 @@ def _line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _json(data: Any) -> str:
-    import json
-
-    try:
-        return json.dumps(data, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return repr(data)
-
-
-def _bar(quiet: bool, desc: str, unit: str, total: int | None = None):
+def progress_bar(quiet: bool, desc: str, unit: str, total: int | None = None):
     if quiet:
         return None
     from tqdm import tqdm

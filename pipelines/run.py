@@ -172,7 +172,9 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool) ->
 
     buf: list[dict] = []
     progress = {"rows": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "completion_tokens": 0}
-    pbar = _bar(cfg.quiet, "generate", "row", total=counts["planned_rows"])
+    from batchv4.pipelines.frontend import progress_bar
+
+    pbar = progress_bar(cfg.quiet, "generate", "row", total=counts["planned_rows"])
     new_outputs = 0
     for out in (llm.generate_stream(requests()) if first is not None else ()):
         t0 = time.perf_counter()
@@ -257,11 +259,3 @@ def _default_llm(cfg: RunConfig):
     return LLM(cfg.model, device=cfg.device, kv_cache_memory=cfg.kv_cache_memory,
                max_num_batched_tokens=cfg.max_batched_tokens, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
                max_model_len=cfg.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype)
-
-
-def _bar(quiet: bool, desc: str, unit: str, total: int | None = None):
-    if quiet:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "tok", dynamic_ncols=True, leave=False)

@@ -71,9 +71,6 @@ class ModelRunner:
             if ch.sample:
                 rows.append((ch, logits[row]))
             row += 1
-        for ch in plan.chunks:
-            if ch.save_key is not None and ch.save_key not in result.saved:
-                result.saved[ch.save_key] = False
         for r in plan.ready:
             rows.append((r, self.kept_logits[r.key]))
         if rows:

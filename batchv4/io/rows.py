@@ -302,7 +302,7 @@ def build_request(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
         return _build(row, spec)
     except Exception as e:  # whatever goes wrong with one row makes it an error row, not a failed job
         return RowError(row.index, None, f"cannot build a request from this row ({type(e).__name__}: {_reason(e)})",
-                        row.raw if row.raw is not None else _dump(row.data or {}))
+                        row.raw if row.raw is not None else dump_row(row.data or {}))
 
 
 def _build(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
@@ -312,7 +312,7 @@ def _build(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
     try:
         row_id = _row_id(spec, data, row.index)
     except ValueError as e:
-        return RowError(row.index, None, _reason(e), row.raw if row.raw is not None else _dump(data))
+        return RowError(row.index, None, _reason(e), row.raw if row.raw is not None else dump_row(data))
     try:
         raw_messages, params, normalized = _messages(spec, data)
         # skipping normalize_messages where it would change nothing saves a fifth of building a row
@@ -320,11 +320,11 @@ def _build(row: RawRow, spec: RowSpec) -> RowRequest | RowError:
         if spec.system is not None:
             messages = [{"role": "system", "content": spec.system}, *messages]
     except ValueError as e:
-        return RowError(row.index, row_id, _reason(e), row.raw if row.raw is not None else _dump(data))
+        return RowError(row.index, row_id, _reason(e), row.raw if row.raw is not None else dump_row(data))
     if not _messages_are_text(messages) or (params and not _is_text(params)):
         return RowError(row.index, row_id, "the prompt holds a lone surrogate (a JSON escape such as \\ud800 "
                         "without its pair), which is not valid Unicode text",
-                        row.raw if row.raw is not None else _dump(data))
+                        row.raw if row.raw is not None else dump_row(data))
     keep = {c: data.get(c) for c in spec.keep_columns}
     return RowRequest(row.index, row_id, messages, params, keep)
 
@@ -363,7 +363,8 @@ def _reason(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _dump(data: Mapping[str, Any]) -> str:
+def dump_row(data: Mapping[str, Any]) -> str:
+    """A row as JSON text for an error row's `raw` (repr when it cannot be dumped)."""
     try:
         return json.dumps(data, ensure_ascii=False, default=str)
     except (TypeError, ValueError):      # e.g. a circular structure; the reason row still names the row

@@ -131,24 +131,24 @@ def one_job(tmp, fmt, v1, ops):
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def in_tmp(fmt, v1, ops):
+    tmp = tempfile.mkdtemp(prefix="exactly-once-")
+    try:
+        one_job(tmp, fmt, v1, ops)
+    finally:
+        shutil.rmtree(tmp)
+
+
 @SETTINGS
 @given(v1=st.lists(row_st(JSONL_KINDS), min_size=1, max_size=10), ops=edits_st(JSONL_KINDS))
 def test_jsonl_every_row_exactly_once_across_edits(v1, ops):
-    tmp = tempfile.mkdtemp(prefix="exactly-once-")
-    try:
-        one_job(tmp, "jsonl", v1, ops)
-    finally:
-        shutil.rmtree(tmp)
+    in_tmp("jsonl", v1, ops)
 
 
 @SETTINGS
 @given(v1=st.lists(row_st(PARQUET_KINDS), min_size=1, max_size=10), ops=edits_st(PARQUET_KINDS))
 def test_parquet_every_row_exactly_once_across_edits(v1, ops):
-    tmp = tempfile.mkdtemp(prefix="exactly-once-")
-    try:
-        one_job(tmp, "parquet", v1, ops)
-    finally:
-        shutil.rmtree(tmp)
+    in_tmp("parquet", v1, ops)
 
 
 # ---- kill -9 and resume on the real tiny model ------------------------------------------------------
