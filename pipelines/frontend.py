@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class RowOptions:
     shard: tuple[int, int] | None = None
     read_batch_rows: int = 1024
     storage_options: dict = field(default_factory=dict)
+    # "local" (batchv4's engine: `model` is a preset or checkpoint folder, its context is checked)
+    # or "openai" (a remote API: `model` is the provider's name, the V4 tokenizer counts tokens)
+    backend: str = "local"
+    tokenizer: str | None = None     # a folder with tokenizer.json  [default: the model's, else V4's]
 
 
 @dataclass(frozen=True)
@@ -125,11 +130,14 @@ class Frontend:
         self._kept_schema = pa.schema(self.kept)
         self.base = base_sampling(opts, openai=False)
         self.base_openai = base_sampling(opts, openai=True)
-        model_len = ModelConfig.load(opts.model).max_position_embeddings
-        if opts.max_model_len is not None and opts.max_model_len > model_len:
-            raise UserError(f"--max-model-len {opts.max_model_len} is longer than {opts.model}'s context "
-                            f"of {model_len} tokens")
-        self.max_len = opts.max_model_len or model_len
+        if opts.backend == "local":
+            model_len = ModelConfig.load(opts.model).max_position_embeddings
+            if opts.max_model_len is not None and opts.max_model_len > model_len:
+                raise UserError(f"--max-model-len {opts.max_model_len} is longer than {opts.model}'s context "
+                                f"of {model_len} tokens")
+            self.max_len = opts.max_model_len or model_len
+        else:       # the provider checks its own context; --max-model-len makes rows fail here first
+            self.max_len = opts.max_model_len or sys.maxsize
         self._tokenizer = None           # loaded with the first batch, after the output folder is checked
         self.exhausted = False          # True once every input row was read (no --limit cut)
         self.tokenize_busy = 0.0        # seconds the tokenize worker ran (see `batches`)
@@ -137,7 +145,7 @@ class Frontend:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = model_tokenizer(self.opts.model)
+            self._tokenizer = model_tokenizer(self.opts.tokenizer or self.opts.model)
         return self._tokenizer
 
     def resolved(self) -> dict[str, Any]:
@@ -280,6 +288,11 @@ class Frontend:
             if not r.params:
                 built.append((r, {}, base))
                 continue
+            if self.opts.backend == "local" and _uses_tools(r.params):
+                errors.append(RowError(r.index, r.id, "tools are not supported by batchv4's local engine "
+                                       "(V4's tool format is not built); use --backend openai",
+                                       raw.raw if raw.raw is not None else _json(raw.data)))
+                continue
             try:
                 over = {k: v for k, v in r.params.items() if k not in ROW_ONLY_PARAMS}
                 sampling = base.replace(**over) if over else base
@@ -343,6 +356,11 @@ class Frontend:
                 except Exception as e:
                     out[i] = (None, think, f"cannot tokenize this row: {_line(e)}")
         return out
+
+
+def _uses_tools(params: dict) -> bool:
+    extra = params.get("extra_body") or {}
+    return bool(extra.get("tools")) or extra.get("tool_choice") not in (None, "none")
 
 
 def _timed(fn: Callable, *args: Any) -> tuple[Any, float]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -168,25 +169,33 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool) ->
         for pr in itertools.chain([first], planned):
             req, sampling, thinking = state.get(pr.key)
             inflight[pr.key] = (req, pr.group, pr.api_hit_tokens)
-            yield EngineRequest.from_plan(pr, sampling, thinking)
+            yield EngineRequest.from_plan(pr, sampling, thinking, messages=req.messages,
+                                          extra_body=_extra_body(req.params))
 
     buf: list[dict] = []
     progress = {"rows": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "completion_tokens": 0}
     from batchv4.pipelines.frontend import progress_bar
 
     pbar = progress_bar(cfg.quiet, "generate", "row", total=counts["planned_rows"])
-    new_outputs = 0
+    journal = _SentJournal(cfg.output, so) if cfg.backend != "local" else None
+    if journal is not None and llm is not None:
+        counts["resent_requests"] = 0
+        llm.on_send = lambda key: journal.sent(key, counts)
+        if pbar is not None:
+            llm.on_status = pbar.set_description_str
+    new_outputs = returned = 0
     for out in (llm.generate_stream(requests()) if first is not None else ()):
         t0 = time.perf_counter()
         if t_first is None:
             t_first = t0 - t_start
             timings["first_output"] = t_first     # seconds from the start to the first finished row
+        returned += 1
         req, group, api_hit = inflight.pop(out.request_id)
         first_out = out.outputs[0]
         if first_out.finish_reason == "error":
             errors.add(_engine_error(req, first_out.error))
         else:
-            rows = output_rows(req, group, out, card, llm, _now(), progress, api_hit, api_unit)
+            rows = output_rows(req, group, out, card, llm, _now(), progress, api_hit, api_unit, private)
             new_outputs += len(rows)
             buf.extend(rows)
         if len(buf) >= cfg.part_rows:
@@ -205,7 +214,11 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool) ->
     writer.write_part(amortize(buf))
     errors.flush()
     writer.flush()                # every part listed; the manifest exists even with none (--limit 0)
+    if journal is not None:
+        journal.close()           # every sent request is now in a listed part
     counts["new_output_rows"] = new_outputs
+    if first is not None and returned < counts["planned_rows"]:     # a spend cap stopped sending
+        counts["not_sent_rows"] = counts["planned_rows"] - returned
     timings["account_write"] += time.perf_counter() - t0
     timings["plan_engine"] = time.perf_counter() - t_engine - timings["account_write"]
     wall = time.perf_counter() - t_start
@@ -253,9 +266,77 @@ def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None):
         yield from (PackInput(r.req.id, r.token_ids) for r in batch)
 
 
+def _extra_body(params: dict) -> dict | None:
+    """What a remote backend sends beside the messages: passed-through body keys, reasoning effort."""
+    extra = dict(params.get("extra_body") or {})
+    if params.get("reasoning_effort") is not None:
+        extra["reasoning_effort"] = params["reasoning_effort"]
+    return extra or None
+
+
+class _SentJournal:
+    """Request keys sent to a remote API and not yet in a listed part (`_batchv4_sent.txt` in a local
+    output folder, appended and flushed per request). A run that starts with one finds what an
+    interrupted run had paid for or may have: those rows, sent again, are counted as
+    `resent_requests` (requests possibly paid for twice). Object-store outputs keep none."""
+
+    NAME = "_batchv4_sent.txt"
+
+    def __init__(self, output: str, so) -> None:
+        from batchv4.io.urls import get_fs, is_local
+
+        self.file = None
+        self.before: set[str] = set()
+        fs, path = get_fs(output, so)
+        if not is_local(fs):
+            return
+        self.path = os.path.join(path, self.NAME)
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.before = {line.rstrip("\n") for line in f if line.strip()}
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def sent(self, key: str, counts: dict) -> None:
+        if key in self.before:
+            counts["resent_requests"] += 1
+            self.before.discard(key)
+        if self.file is not None:
+            self.file.write(key + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            os.remove(self.path)
+            self.file = None
+
+
 def _default_llm(cfg: RunConfig):
+    if cfg.backend == "openai":
+        return _remote_backend(cfg)
     from batchv4.engine.llm import LLM
 
     return LLM(cfg.model, device=cfg.device, kv_cache_memory=cfg.kv_cache_memory,
                max_num_batched_tokens=cfg.max_batched_tokens, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
                max_model_len=cfg.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype)
+
+
+def _remote_backend(cfg: RunConfig):
+    from batchv4.accounting.cards import get_card, load_price_file
+    from batchv4.io.writers import iter_output_rows
+    from batchv4.pipelines.frontend import model_tokenizer
+    from batchv4.pipelines.run_config import api_key
+    from batchv4.remote.client import OpenAIBackend
+
+    card = get_card(cfg.price, load_price_file(cfg.prices_file) if cfg.prices_file else {})
+    spent = 0.0
+    if cfg.max_cost_usd is not None:      # the cap is the job's: rows earlier runs priced count
+        try:
+            spent = sum(r["cost_usd"] or 0.0 for r in iter_output_rows(cfg.output, ["cost_usd"],
+                                                                      cfg.storage_options or None))
+        except FileNotFoundError:
+            spent = 0.0
+    return OpenAIBackend(list(cfg.base_urls), cfg.model, api_key=api_key(cfg), provider=cfg.provider,
+                         concurrency=cfg.concurrency, max_retries=cfg.max_retries, timeout=cfg.request_timeout,
+                         rpm=cfg.rpm, tpm=cfg.tpm, max_cost_usd=cfg.max_cost_usd, spent_usd=spent, card=card,
+                         when=cfg.when, tokenizer=model_tokenizer(cfg.tokenizer or cfg.model), seed=cfg.seed)

@@ -48,6 +48,9 @@ RUN_SECTIONS = (
     ("Sampling", ("max_tokens", "temperature", "top_p", "seed", "stop", "n")),
     ("Model and engine", ("model", "device", "kv_cache_memory", "kv_cache_dtype", "max_batched_tokens",
                           "max_num_seqs", "max_model_len")),
+    ("Remote backend (--backend openai)", ("backend", "base_urls", "api_key_env", "provider", "tokenizer",
+                                           "concurrency", "max_retries", "request_timeout", "rpm", "tpm",
+                                           "max_cost_usd", "when")),
     ("Cost", ("price", "prices_file")),
 )
 
@@ -56,7 +59,14 @@ RUN_SECTIONS = (
 ROW_OPTIONS = (
     click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "openai"]), default=None,
                  help="Input format.  [default: detected per file from its content]"),
-    click.option("--model", default="tiny", help="Preset name or checkpoint directory (its tokenizer.json is used)."),
+    click.option("--model", default="tiny",
+                 help="Preset name or checkpoint directory (its tokenizer.json is used); with --backend openai "
+                      "the provider's model name."),
+    click.option("--backend", default="local", type=click.Choice(["local", "openai"]),
+                 help="local: batchv4's engine; openai: an OpenAI-compatible API (DeepSeek, vLLM, SGLang, "
+                      "batchv4 serve) at --base-url."),
+    click.option("--tokenizer", default=None, type=click.Path(exists=True, file_okay=False),
+                 help="Folder with the tokenizer.json that counts tokens.  [default: the model's, else V4's]"),
     click.option("--prompt-column", default=None,
                  help="Column holding the user prompt.  [default: each row's 'messages', else its 'prompt']"),
     click.option("--messages-column", default=None, help="Column holding chat messages [{role, content}]."),
@@ -113,9 +123,28 @@ def row_fields(kw: dict) -> dict:
 @click.option("--resume/--overwrite", default=True,
               help="Continue a previous run in OUTPUT, or replace it (only ever a batchv4 run's files).")
 @click.option("--part-rows", default=512, type=int, help="Output rows per Parquet part.")
+@click.option("--base-url", "base_urls", multiple=True,
+              help="OpenAI-compatible endpoint, e.g. https://api.deepseek.com/v1 (repeatable: prefix groups are "
+                   "spread over the endpoints).  [default: none]")
+@click.option("--api-key-env", default=None,
+              help="Name of the environment variable holding the API key.  [default: no Authorization header]")
+@click.option("--provider", default="auto", type=click.Choice(["auto", "deepseek", "vllm", "openai"]),
+              help="Request dialect for thinking mode: deepseek's `thinking` field, vLLM/SGLang's "
+                   "chat_template_kwargs, or neither.  [default: deepseek for api.deepseek.com, else vllm]")
+@click.option("--concurrency", default=16, type=int, help="Requests in flight at most (halved on 429, regrown).")
+@click.option("--max-retries", default=8, type=int, help="Retries of a request on 429, 5xx, timeouts and drops.")
+@click.option("--request-timeout", default=600.0, type=float, help="Seconds per request attempt.")
+@click.option("--rpm", default=None, type=int, help="Requests per minute at most.  [default: no limit]")
+@click.option("--tpm", default=None, type=int,
+              help="Tokens (prompt + max tokens) per minute at most.  [default: no limit]")
+@click.option("--max-cost-usd", default=None, type=float,
+              help="Stop sending once the job's priced cost reaches this; a later run continues.  [default: no cap]")
+@click.option("--when", default="now", type=click.Choice(["now", "off-peak"]),
+              help="off-peak: send only in the price card's off-peak hours, waiting for them.")
 @click.option("--quiet", is_flag=True, help="No progress bars or table (error rows are still counted on stderr).")
 def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, max_num_seqs, device, resume,
-        part_rows, quiet, **row):
+        part_rows, base_urls, api_key_env, provider, concurrency, max_retries, request_timeout, rpm, tpm,
+        max_cost_usd, when, quiet, **row):
     """Generate an output for every row of INPUT (Parquet, JSONL, JSON arrays or OpenAI batch JSONL;
     a file, a folder, a glob or any fsspec URL) into the folder OUTPUT: Parquet parts with per-row
     tokens and cost, errors-*.parquet for rows that cannot run, summary.json."""
@@ -129,7 +158,10 @@ def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, 
                         "folder or an object store")
     cfg = RunConfig(input=input_url, output=output, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                     max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, device=device,
-                    overwrite=not resume, quiet=quiet, part_rows=part_rows, **row_fields(row))
+                    overwrite=not resume, quiet=quiet, part_rows=part_rows, base_urls=tuple(base_urls),
+                    api_key_env=api_key_env, provider=provider, concurrency=concurrency, max_retries=max_retries,
+                    request_timeout=request_timeout, rpm=rpm, tpm=tpm, max_cost_usd=max_cost_usd, when=when,
+                    **row_fields(row))
     summary = run_job(cfg)
     if not quiet:
         from batchv4.pipelines.report_cmd import render
@@ -148,6 +180,9 @@ def report_errors(summary: dict, output: str) -> None:
     if new_errors:
         click.echo(f"{new_errors:,} error row(s) this run ({c.get('error_rows', 0):,} in all): see "
                    f"{redact_url(output).rstrip('/')}/errors-*.parquet", err=True)
+    if summary.get("this_run", {}).get("stopped_by_spend_cap"):
+        click.echo(f"spend cap reached: {c.get('not_sent_rows', 0):,} row(s) not sent; run the same command "
+                   "again (with a higher --max-cost-usd) to finish", err=True)
     if new_errors and not new_outputs:
         click.echo("Error: every row this run processed became an error row", err=True)
         raise SystemExit(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 
 from batchv4.errors import UserError
@@ -29,11 +30,23 @@ class RunConfig(RowOptions):
     quiet: bool = False
     part_rows: int = 512
     device: str = "auto"
+    # --backend openai: a remote OpenAI-compatible API (see batchv4.remote)
+    base_urls: tuple[str, ...] = ()
+    api_key_env: str | None = None     # the NAME of the environment variable holding the key
+    provider: str = "auto"
+    concurrency: int = 16
+    max_retries: int = 8
+    request_timeout: float = 600.0
+    rpm: int | None = None
+    tpm: int | None = None
+    max_cost_usd: float | None = None
+    when: str = "now"
 
     def fingerprint(self) -> str:
         """What decides a row's output columns: model, prompt building, thinking, sampling, the
-        context limit, sharding, kept columns, the price card, and an fp8 cache (it runs the
-        activation simulation). Not: the input's location, `--limit`, engine sizing, part size."""
+        context limit, sharding, kept columns, the price card, an fp8 cache (it runs the
+        activation simulation), and a remote backend with its endpoints. Not: the input's
+        location, `--limit`, engine sizing, part size, pacing or the API key."""
         keys = ("model", "fmt", "prompt_column", "messages_column", "template", "system", "id_column",
                 "keep_columns", "thinking", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "shard",
                 "max_model_len", "price")
@@ -42,6 +55,11 @@ class RunConfig(RowOptions):
         d = {k: getattr(self, k) for k in keys} | extra
         d["stop"], d["keep_columns"] = list(self.stop), list(self.keep_columns)
         d["shard"] = list(self.shard) if self.shard else None
+        if self.backend != "local":     # earlier (local) fingerprints stay as they were
+            from batchv4.io.urls import redact_url
+
+            d["backend"] = self.backend
+            d["base_urls"] = [redact_url(u) for u in self.base_urls]
         if d["temperature"] is None and self.fmt != "openai":
             # the default of prompt and messages rows, spelled as earlier versions recorded it
             d["temperature"] = PLAIN_TEMPERATURE
@@ -60,7 +78,6 @@ class RunConfig(RowOptions):
 def check_options(cfg: RunConfig) -> None:
     """Everything that can be checked without reading the input (UserError naming the option)."""
     from batchv4.config import ModelConfig
-    from batchv4.engine.llm import parse_bytes
 
     if not cfg.output:
         raise UserError("an output folder is required (-o OUT)")
@@ -74,9 +91,48 @@ def check_options(cfg: RunConfig) -> None:
         raise UserError(f"--kv-cache-dtype must be auto or fp8, got {cfg.kv_cache_dtype!r}")
     if cfg.limit is not None and cfg.limit < 0:
         raise UserError(f"--limit must be >= 0, got {cfg.limit}")
-    ModelConfig.load(cfg.model)
-    parse_bytes(cfg.kv_cache_memory)
-    check_device(cfg.device)
+    if cfg.backend == "local":
+        from batchv4.engine.llm import parse_bytes
+
+        if cfg.base_urls:
+            raise UserError("--base-url needs --backend openai")
+        ModelConfig.load(cfg.model)
+        parse_bytes(cfg.kv_cache_memory)
+        check_device(cfg.device)
+        return
+    if cfg.backend != "openai":
+        raise UserError(f"--backend must be local or openai, got {cfg.backend!r}")
+    from batchv4.remote.client import check_base_url, provider_of
+
+    if not cfg.base_urls:
+        raise UserError("--backend openai needs --base-url URL (e.g. https://api.deepseek.com/v1)")
+    for u in cfg.base_urls:
+        check_base_url(u)
+        provider_of(u, cfg.provider)
+    api_key(cfg)
+    for name in ("concurrency", "rpm", "tpm"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+    if cfg.max_retries < 0:
+        raise UserError(f"--max-retries must be >= 0, got {cfg.max_retries}")
+    if cfg.max_cost_usd is not None and not cfg.max_cost_usd > 0:
+        raise UserError(f"--max-cost-usd must be > 0, got {cfg.max_cost_usd}")
+    if cfg.when not in ("now", "off-peak"):
+        raise UserError(f"--when must be now or off-peak, got {cfg.when!r}")
+    if cfg.tokenizer is not None and not os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")):
+        raise UserError(f"--tokenizer {cfg.tokenizer}: no tokenizer.json in that folder")
+
+
+def api_key(cfg: RunConfig) -> str | None:
+    """The API key from the environment variable `--api-key-env` names (None without the option:
+    no Authorization header is sent)."""
+    if cfg.api_key_env is None:
+        return None
+    key = os.environ.get(cfg.api_key_env, "")
+    if not key.strip():
+        raise UserError(f"--api-key-env {cfg.api_key_env}: that environment variable is not set or empty")
+    return key.strip()
 
 
 def check_device(device: str) -> None:

@@ -26,17 +26,21 @@ def api_hits(plan_hit: int, n_prompt: int, sample_index: int, api_unit: int) -> 
 
 
 def output_rows(req, group: int | None, out, card, llm, now: datetime, progress: dict[str, int],
-                plan_api_hit: int = 0, api_unit: int = 64) -> list[dict]:
+                plan_api_hit: int = 0, api_unit: int = 64, private=None) -> list[dict]:
     """The output rows of one finished request (`req` is its `RowRequest`), finished at `now`.
     `prompt_cache_hit_tokens` are the engine's own hits; `api_cache_hit_tokens` what an API
     would bill as hits (`api_hits`), which `cost_usd` is priced with, exactly as `estimate`
-    prices the job. Rows carry `_cost` and `_group` for `amortize`, which removes them."""
+    prices the job. Rows carry `_cost` and `_group` for `amortize`, which removes them. A sample
+    with its own `usage` (a remote API) is billed as the provider counted it (`_remote_row`)."""
     from batchv4.accounting.pricing import price_row_detail, self_hosted_cost
 
     recs = []
     n_prompt = len(out.prompt_token_ids)
     stats = None
     for c in out.outputs:
+        if c.usage is not None:
+            recs.append(_remote_row(req, group, c, card, private, progress))
+            continue
         # the n samples share one prompt: its hits are counted on sample 0 only; later samples
         # read the whole prompt from the cache
         hit = out.num_cached_tokens if c.index == 0 else n_prompt
@@ -49,11 +53,11 @@ def output_rows(req, group: int | None, out, card, llm, now: datetime, progress:
         if by_sample is not None and c.index < len(by_sample):
             secs = by_sample[c.index]       # the steps this sample took part in
         else:                               # a backend without per-request times: a share of the total
-            stats = stats or llm.stats()
+            stats = stats or {**NO_STATS, **llm.stats()}
             secs = _engine_seconds(stats, n_prompt - hit + len(c.token_ids))
         recs.append({"id": req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
                      "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage,
-                 "api_cache_hit_tokens": api_hit,
+                     "api_cache_hit_tokens": api_hit,
                      "cost_usd": None if detail is None else detail.total_usd,
                      "cost_usd_self_hosted": self_hosted_cost(secs, card), "engine_seconds": secs,
                      "_cost": detail, "_group": group,
@@ -63,6 +67,43 @@ def output_rows(req, group: int | None, out, card, llm, now: datetime, progress:
         progress["prompt_cache_hit_tokens"] += hit
         progress["completion_tokens"] += len(c.token_ids)
     return recs
+
+
+def card_for(model: str | None, default, private=None):
+    """The price card of the model that answered when batchv4 has one by that name, else `default`."""
+    from batchv4.accounting.cards import get_card
+    from batchv4.errors import UserError
+
+    if model and model != default.name:
+        try:
+            return get_card(model, private)
+        except UserError:
+            pass
+    return default
+
+
+def _remote_row(req, group, c, card, private, progress: dict[str, int]) -> dict:
+    """An output row from a provider's usage: its prompt, hit, completion and reasoning counts are
+    the bill (so `prompt_cache_hit_tokens` and `api_cache_hit_tokens` are both the provider's hits),
+    priced at the response's time on the card of the model that answered."""
+    from batchv4.accounting.pricing import price_row_detail
+
+    u = c.usage
+    n_prompt, hit = u["prompt_tokens"], u["prompt_cache_hit_tokens"]
+    usage = {"prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": n_prompt - hit,
+             "completion_tokens": u["completion_tokens"], "reasoning_tokens": u["reasoning_tokens"]}
+    when = u["finished_at"]
+    detail = price_row_detail(usage, card_for(u.get("model"), card, private), when)
+    progress["rows"] += 1
+    progress["prompt_tokens"] += n_prompt
+    progress["prompt_cache_hit_tokens"] += hit
+    progress["completion_tokens"] += u["completion_tokens"]
+    return {"id": req.id, "sample_index": c.index, "output": c.text, "reasoning": c.reasoning_text,
+            "finish_reason": c.finish_reason, "prompt_tokens": n_prompt, **usage, "api_cache_hit_tokens": hit,
+            "cost_usd": None if detail is None else detail.total_usd, "cost_usd_self_hosted": None,
+            "engine_seconds": u.get("seconds"), "provider_request_id": u.get("provider_request_id"),
+            "usage_counted_locally": bool(u.get("counted_locally")),
+            "_cost": detail, "_group": group, "finished_at": when, "content_hash": req.content_hash, **req.keep}
 
 
 def _engine_seconds(st: dict, tokens: int) -> float:
@@ -104,7 +145,7 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
     # other cards are API prices: the same tokens with the API's cache semantics
     api_totals = replace(totals, prompt_cache_hit_tokens=totals.api_cache_hit_tokens,
                          prompt_cache_miss_tokens=totals.prompt_tokens - totals.api_cache_hit_tokens)
-    st = llm.stats() if llm is not None else NO_STATS
+    st = {**NO_STATS, **llm.stats()} if llm is not None else NO_STATS
     computed = st["prefill_tokens"] + st["decode_tokens"]
     return {
         "fingerprint": fp,
@@ -130,6 +171,7 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
             "snapshot_evictions": st["snapshot_evictions"],
             "peak_snapshots": st["peak_snapshots"],
             "seconds_by_stage": timings,
+            **_backend_figures(cfg, llm),
         },
         "compare": [
             {"card": q.card, "label": q.label, "window": q.window, "at": q.at.isoformat(),
@@ -138,6 +180,13 @@ def summary(cfg, fp: str, writer, counts: dict, timings: dict, wall: float, llm,
         ],
         "notes": "Other providers' cards are approximate: their tokenizers differ from V4's.",
     }
+
+
+def _backend_figures(cfg, llm) -> dict[str, Any]:
+    if cfg.backend == "local" or llm is None:
+        return {"backend": cfg.backend}
+    st = llm.stats()
+    return {"backend": cfg.backend, "stopped_by_spend_cap": bool(st.get("stopped_by_spend_cap")), "remote": st}
 
 
 def write_json(out_url: str, name: str, obj: dict, so) -> None:

@@ -155,6 +155,34 @@ def billing_instant(card: PriceCard, when: datetime) -> datetime:
     return _off_peak_same_day(when, windows)
 
 
+def is_peak(card: PriceCard, when: datetime) -> bool:
+    """Whether the provider bills `when` at a peak rate (one of the card's time-of-day windows is
+    active at its billing instant). Cards without time-of-day prices are never peak."""
+    windows = time_of_day_windows(card)
+    return bool(windows) and any(w.active(billing_instant(card, when)) for w in windows)
+
+
+def next_off_peak(card: PriceCard, when: datetime, days: int = 8) -> datetime:
+    """`when` itself if it is off-peak, else the start of the next off-peak time (the first window
+    boundary, or Beijing midnight for DeepSeek's weekends, after which `is_peak` is false)."""
+    check_aware(when, "time")
+    if not is_peak(card, when):
+        return when
+    windows = time_of_day_windows(card)
+    day = when.astimezone(UTC).date() - timedelta(days=1)
+    points = set()
+    for _ in range(days + 2):
+        for w in windows:
+            for t in (w.start_time, w.end_time):
+                points.add(datetime.combine(day, t.replace(tzinfo=None), tzinfo=t.tzinfo or UTC).astimezone(UTC))
+        points.add(datetime.combine(day, time(0), tzinfo=BEIJING).astimezone(UTC))
+        day += timedelta(days=1)
+    for p in sorted(x for x in points if x > when):
+        if not is_peak(card, p):
+            return p
+    raise UserError(f"{card.name}: no off-peak time in the {days} days after {when.isoformat()}")
+
+
 # -- pricing ------------------------------------------------------------------------------------
 def _genai_cost(card: PriceCard, prompt: float, hit: float, completion: float, instant: datetime) -> RowCost:
     from genai_prices import Usage, calc_price

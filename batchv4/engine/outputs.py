@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "error"]
-FINISH_REASONS: tuple[str, ...] = ("stop", "length", "error")
+# "tool_calls" and "content_filter" come only from remote providers
+FinishReason = Literal["stop", "length", "error", "tool_calls", "content_filter"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "error", "tool_calls", "content_filter")
 
 
 @dataclass
@@ -26,7 +27,10 @@ class CompletionOutput:
     while the sample is still running. `stop_reason` is the matched stop string or stop token id
     (None for EOS and for length). `logprobs[i]` maps token ids to logprobs for the i-th generated
     token when logprobs were requested; `cumulative_logprob` is then the sum over the sampled
-    tokens.
+    tokens. `usage` is set by backends that are billed per sample (a remote API): prompt_tokens,
+    prompt_cache_hit_tokens, completion_tokens, reasoning_tokens as the provider counted them,
+    `counted_locally` when the response had none and batchv4's tokenizer counted, `finished_at`
+    (an aware datetime), `model` (the model that answered) and `provider_request_id`.
     """
 
     index: int
@@ -39,6 +43,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
     stop_reason: str | int | None = None
+    usage: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.finish_reason is not None and self.finish_reason not in FINISH_REASONS:

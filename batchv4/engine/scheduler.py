@@ -38,16 +38,21 @@ class EngineRequest:
     saves: tuple[SavePlan, ...] = ()
     thinking: bool = False
     group: int | None = None                    # the plan's prefix group (cost amortization)
+    # what a backend that takes text rather than token ids needs (the remote API backend): the
+    # row's chat messages and any OpenAI body fields it passes through (tools, response_format, ...)
+    messages: list | None = None
+    extra_body: dict | None = None
 
     @classmethod
-    def from_plan(cls, planned, params, thinking: bool = False, namespace: object = None) -> EngineRequest:
+    def from_plan(cls, planned, params, thinking: bool = False, namespace: object = None,
+                  messages: list | None = None, extra_body: dict | None = None) -> EngineRequest:
         """A `batchv4.packing.PlannedRequest` as an engine request. Its snapshots are keyed
         `(namespace, snap_id)`: one namespace per plan keeps two plans' snapshot ids apart."""
         return cls(str(planned.key), list(planned.token_ids), params,
                    resume_key=None if planned.resume_snap is None else (namespace, planned.resume_snap),
                    resume_pos=planned.resume_pos,
                    saves=tuple(SavePlan((namespace, s.snap_id), s.pos, s.uses) for s in planned.saves),
-                   thinking=thinking, group=planned.group)
+                   thinking=thinking, group=planned.group, messages=messages, extra_body=extra_body)
 
 
 @dataclass
@@ -133,6 +138,40 @@ class Scheduler:
         self.requests.clear()
         self._fork_copies.clear()
         self.cache.clear()
+
+    def abort(self, request_id: str) -> bool:
+        """Drop one request (its client went away), between steps: its waiting and running
+        sequences are finished and freed, the pool copies of forks of it not made yet are dropped,
+        and a restore it still had planned no longer keeps its snapshot needed. Snapshots it saved
+        stay (others may resume from them). False if the request is not known (finished or never
+        added)."""
+        group = self.requests.pop(request_id, None)
+        if group is None:
+            return False
+        first = group[0]
+        req = first.request
+        if req.resume_key is not None and first.status == "waiting" and first.num_cached == 0 \
+                and first.num_generated == 0 and self.cache.exists(req.resume_key):
+            # the plan counted this request's restore in the snapshot's uses; it will never come
+            snap = self.cache.snapshots[req.resume_key]
+            snap.uses_left = max(0, snap.uses_left - 1)
+        # forks made in the last update(): their copies target the forks' own slot and new pages
+        targets = set()
+        for seq in group:
+            if seq.forked_from is not None and seq.seq_id in self.cache.seqs:
+                slot, pages = self.cache.view(seq.seq_id)
+                targets.add(("slot", slot))
+                targets.update(("page", r, p) for r, ids in pages.items() for p in ids)
+        if targets:
+            self._fork_copies = [c for c in self._fork_copies
+                                 if (("slot", c[2]) if c[0] == "slot" else ("page", c[1], c[3])) not in targets]
+        for seq in group:
+            if seq.status == "finished":
+                continue
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self.finish(seq)
+        return True
 
     # ---- one step ---------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:

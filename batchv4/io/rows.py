@@ -204,11 +204,17 @@ def openai_params(body: Mapping[str, Any]) -> dict[str, Any]:
         if kind not in ("enabled", "disabled"):
             raise UserError("body.thinking: expected {\"type\": \"enabled\"} or {\"type\": \"disabled\"}")
         params["thinking"] = kind == "enabled"
+    extra = {k: body[k] for k in PASS_THROUGH if body.get(k) is not None}
+    if extra:
+        params["extra_body"] = extra
     return params
 
 
+# OpenAI body keys a remote backend passes through as they are (the local engine refuses tools)
+PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+
 # keys of `RowRequest.params` that are not sampling parameters
-ROW_ONLY_PARAMS = ("thinking", "reasoning_effort")
+ROW_ONLY_PARAMS = ("thinking", "reasoning_effort", "extra_body")
 
 
 # -- rows ----------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("sample_index", pa.int32(), nullable=False),
     pa.field("output", pa.string()),
     pa.field("reasoning", pa.string()),
-    pa.field("finish_reason", pa.string(), nullable=False),  # "stop" | "length" | "error"
+    # "stop" | "length" | "error"; from a remote API also "tool_calls" | "content_filter"
+    pa.field("finish_reason", pa.string(), nullable=False),
     pa.field("error", pa.string()),  # set when finish_reason == "error"
     pa.field("prompt_tokens", pa.int64(), nullable=False),
     pa.field("prompt_cache_hit_tokens", pa.int64(), nullable=False),
@@ -31,7 +32,11 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("cost_usd", pa.float64()),  # API-equivalent cost under the run's price card
     pa.field("cost_usd_amortized", pa.float64()),  # same, shared-prefix input cost spread evenly
     pa.field("cost_usd_self_hosted", pa.float64()),  # engine seconds x GPU-hour price, if given
-    pa.field("engine_seconds", pa.float64()),  # engine time attributed to the row
+    pa.field("engine_seconds", pa.float64()),  # engine time attributed to the row (remote: the request's)
+    # remote backends: the provider's id of the request, and whether the response had no usage
+    # (counted with batchv4's tokenizer instead). Null for the local engine and older parts.
+    pa.field("provider_request_id", pa.string()),
+    pa.field("usage_counted_locally", pa.bool_()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("content_hash", pa.string(), nullable=False),
 )
