@@ -19,6 +19,7 @@ COMMANDS = {
     "estimate": "batchv4.pipelines.estimate_cmd:estimate",
     "report": "batchv4.pipelines.report_cmd:report",
     "model-info": "batchv4.pipelines.model_info:model_info",
+    "serve": "batchv4.serve.cmd:serve",
 }
 
 

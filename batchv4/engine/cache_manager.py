@@ -224,6 +224,12 @@ class CacheManager:
         if key in self.snapshots:
             self.snapshots[key].uses_left += 1
 
+    def drop_use(self, key: object) -> None:
+        """A restore the plan counted will never happen (its request was aborted)."""
+        s = self.snapshots.get(key)
+        if s is not None:
+            s.uses_left = max(0, s.uses_left - 1)
+
     def pages_held(self, seq_id: object, ratio: int) -> int:
         sc = self.seqs.get(seq_id)
         return len(sc.pages[ratio]) if sc is not None else 0

@@ -165,7 +165,7 @@ class LLM:
                     except StopIteration:
                         exhausted = True
                         break
-                    err = self._check_request(req)
+                    err = self.check_request(req)
                     if err:
                         yield RequestOutput.error(req.request_id, list(req.prompt_token_ids), err, n=req.params.n)
                         continue
@@ -250,7 +250,8 @@ class LLM:
             i = by_key[pr.key]
             yield EngineRequest.from_plan(pr, params[i], thinking[i], namespace=tag)
 
-    def _check_request(self, req: EngineRequest) -> str | None:
+    def check_request(self, req: EngineRequest) -> str | None:
+        """Why the engine cannot take `req` (token ids outside the vocabulary, an empty prompt), or None."""
         V = self.cfg.vocab_size
         bad = [t for t in req.prompt_token_ids if not 0 <= t < V]
         if bad:

@@ -152,9 +152,7 @@ class Scheduler:
         req = first.request
         if req.resume_key is not None and first.status == "waiting" and first.num_cached == 0 \
                 and first.num_generated == 0 and self.cache.exists(req.resume_key):
-            # the plan counted this request's restore in the snapshot's uses; it will never come
-            snap = self.cache.snapshots[req.resume_key]
-            snap.uses_left = max(0, snap.uses_left - 1)
+            self.cache.drop_use(req.resume_key)   # the plan counted this restore; it will never come
         # forks made in the last update(): their copies target the forks' own slot and new pages
         targets = set()
         for seq in group:
