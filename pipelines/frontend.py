@@ -62,6 +62,11 @@ class RowOptions:
     # or "openai" (a remote API: `model` is the provider's name, the V4 tokenizer counts tokens)
     backend: str = "local"
     tokenizer: str | None = None     # a folder with tokenizer.json  [default: the model's, else V4's]
+    # structured outputs for every row (a row's own response_format wins): at most one of these
+    json_schema: str | None = None   # the schema's JSON text (the CLI reads --json-schema FILE)
+    regex: str | None = None
+    choice: tuple[str, ...] = ()
+    max_thinking_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,29 @@ def base_sampling(opts: RowOptions, openai: bool):
         temperature = OPENAI_TEMPERATURE if openai else PLAIN_TEMPERATURE
     try:
         return SamplingParams(n=opts.n, max_tokens=opts.max_tokens, temperature=temperature, top_p=opts.top_p,
-                              seed=opts.seed, stop=list(opts.stop) or None)
+                              seed=opts.seed, stop=list(opts.stop) or None, structured_outputs=structured_of(opts),
+                              max_thinking_tokens=opts.max_thinking_tokens)
+    except UserError:
+        raise
     except ValueError as e:
         raise UserError(f"--{str(e).split()[0].replace('_', '-')}: {str(e).split(' ', 1)[1]}") from None
+
+
+def structured_of(opts: RowOptions):
+    """The job-wide structured outputs of --json-schema / --regex / --choice (UserError naming them)."""
+    given = [(k, v) for k, v in (("json-schema", opts.json_schema), ("regex", opts.regex),
+                                 ("choice", opts.choice or None)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UserError(f"give one of --json-schema, --regex and --choice, not {' and '.join('--' + k for k, _ in given)}")
+    from batchv4.structured.params import StructuredOutputsParams
+
+    k, v = given[0]
+    try:
+        return StructuredOutputsParams(**{{"json-schema": "json"}.get(k, k): v})
+    except UserError as e:
+        raise UserError(f"--{k}: {str(e).removeprefix('structured outputs: ')}") from None
 
 
 def model_tokenizer(model: str):

@@ -168,7 +168,7 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool) ->
 
         for pr in itertools.chain([first], planned):
             req, sampling, thinking = state.get(pr.key)
-            inflight[pr.key] = (req, pr.group, pr.api_hit_tokens)
+            inflight[pr.key] = (req, pr.group, pr.api_hit_tokens, sampling.structured_outputs)
             yield EngineRequest.from_plan(pr, sampling, thinking, messages=req.messages,
                                           extra_body=_extra_body(req.params))
 
@@ -190,12 +190,14 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool) ->
             t_first = t0 - t_start
             timings["first_output"] = t_first     # seconds from the start to the first finished row
         returned += 1
-        req, group, api_hit = inflight.pop(out.request_id)
+        req, group, api_hit, structured = inflight.pop(out.request_id)
         first_out = out.outputs[0]
         if first_out.finish_reason == "error":
             errors.add(_engine_error(req, first_out.error))
         else:
             rows = output_rows(req, group, out, card, llm, _now(), progress, api_hit, api_unit, private)
+            if structured is not None:
+                _check_rows(rows, structured, fe)
             new_outputs += len(rows)
             buf.extend(rows)
         if len(buf) >= cfg.part_rows:
@@ -266,6 +268,14 @@ def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None):
         yield from (PackInput(r.req.id, r.token_ids) for r in batch)
 
 
+def _check_rows(rows: list[dict], structured, fe) -> None:
+    """`valid` and `parsed` of constrained rows (batchv4.structured.check)."""
+    from batchv4.structured.check import check_output
+
+    for r in rows:
+        r["valid"], r["parsed"] = check_output(structured, r["output"] or "", r["finish_reason"], fe.tokenizer)
+
+
 def _extra_body(params: dict) -> dict | None:
     """What a remote backend sends beside the messages: passed-through body keys, reasoning effort."""
     extra = dict(params.get("extra_body") or {})
@@ -316,9 +326,11 @@ def _default_llm(cfg: RunConfig):
         return _remote_backend(cfg)
     from batchv4.engine.llm import LLM
 
+    # data_parallel_size > 1: LLM(...) is a RankGroup (batchv4.engine.distributed), the same protocol
     return LLM(cfg.model, device=cfg.device, kv_cache_memory=cfg.kv_cache_memory,
                max_num_batched_tokens=cfg.max_batched_tokens, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
-               max_model_len=cfg.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype)
+               max_model_len=cfg.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype,
+               data_parallel_size=cfg.data_parallel_size, enable_expert_parallel=cfg.enable_expert_parallel)
 
 
 def _remote_backend(cfg: RunConfig):

@@ -46,8 +46,9 @@ RUN_SECTIONS = (
     ("Input and output", ("output", "fmt", "limit", "shard", "resume", "part_rows")),
     ("Prompts", ("prompt_column", "messages_column", "template", "system", "id_column", "keep_columns", "thinking")),
     ("Sampling", ("max_tokens", "temperature", "top_p", "seed", "stop", "n")),
+    ("Structured outputs", ("json_schema", "regex", "choice", "max_thinking_tokens")),
     ("Model and engine", ("model", "device", "kv_cache_memory", "kv_cache_dtype", "max_batched_tokens",
-                          "max_num_seqs", "max_model_len")),
+                          "max_num_seqs", "max_model_len", "data_parallel_size", "enable_expert_parallel")),
     ("Remote backend (--backend openai)", ("backend", "base_urls", "api_key_env", "provider", "tokenizer",
                                            "concurrency", "max_retries", "request_timeout", "rpm", "tpm",
                                            "max_cost_usd", "when")),
@@ -89,6 +90,13 @@ ROW_OPTIONS = (
     click.option("--price", default="deepseek-v4-flash", help="Price card for cost_usd."),
     click.option("--prices", "prices_file", default=None, type=click.Path(exists=True, dir_okay=False),
                  help="JSON/TOML file of private price cards (see the README's 'Price files')."),
+    click.option("--json-schema", "json_schema", default=None, type=click.Path(exists=True, dir_okay=False),
+                 help="Every output must match this JSON schema (a file): constrained decoding; outputs gain "
+                      "valid and parsed.  [default: none]"),
+    click.option("--regex", default=None, help="Every output must match this regular expression.  [default: none]"),
+    click.option("--choice", default=None, help="Every output is one of these comma-separated strings.  [default: none]"),
+    click.option("--max-thinking-tokens", default=None, type=int,
+                 help="Thinking mode: </think> is forced after this many reasoning tokens.  [default: no budget]"),
     click.option("--limit", default=None, type=int, help="Process only the first N input rows.  [default: all]"),
     click.option("--shard", default=None, callback=_shard,
                  help="I/N: the I-th of N slices, cut by prefix group.  [default: all rows]"),
@@ -106,6 +114,20 @@ def row_fields(kw: dict) -> dict:
     kw = dict(kw)
     kw["keep_columns"] = tuple(c.strip() for c in kw.pop("keep_columns", "").split(",") if c.strip())
     kw["stop"] = tuple(kw.get("stop") or ())
+    if kw.get("json_schema"):
+        try:
+            with open(kw["json_schema"], encoding="utf-8") as f:
+                text = f.read()
+            import json
+
+            json.loads(text)
+        except (OSError, ValueError) as e:
+            from batchv4.errors import UserError
+
+            raise UserError(f"--json-schema {kw['json_schema']}: {str(e).splitlines()[0]}") from None
+        kw["json_schema"] = text
+    choice = kw.get("choice")
+    kw["choice"] = tuple(c.strip() for c in choice.split(",") if c.strip()) if choice else ()
     return kw
 
 
@@ -120,6 +142,12 @@ def row_fields(kw: dict) -> dict:
 @click.option("--max-batched-tokens", default=2048, type=int, help="Token budget per engine step.")
 @click.option("--max-num-seqs", default=64, type=int, help="Sequences running at once.")
 @click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--data-parallel-size", default=1, type=int,
+              help="Ranks (one process each; rank r on cuda:r), each running its own sequences and cache; "
+                   "prefix groups are dealt to ranks balanced by tokens.")
+@click.option("--enable-expert-parallel", is_flag=True,
+              help="Shard the routed experts over the ranks (each holds and reads 1/N of them) instead of "
+                   "replicating them.  [default: replicated]")
 @click.option("--resume/--overwrite", default=True,
               help="Continue a previous run in OUTPUT, or replace it (only ever a batchv4 run's files).")
 @click.option("--part-rows", default=512, type=int, help="Output rows per Parquet part.")
@@ -142,7 +170,8 @@ def row_fields(kw: dict) -> dict:
 @click.option("--when", default="now", type=click.Choice(["now", "off-peak"]),
               help="off-peak: send only in the price card's off-peak hours, waiting for them.")
 @click.option("--quiet", is_flag=True, help="No progress bars or table (error rows are still counted on stderr).")
-def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, max_num_seqs, device, resume,
+def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, max_num_seqs, device,
+        data_parallel_size, enable_expert_parallel, resume,
         part_rows, base_urls, api_key_env, provider, concurrency, max_retries, request_timeout, rpm, tpm,
         max_cost_usd, when, quiet, **row):
     """Generate an output for every row of INPUT (Parquet, JSONL, JSON arrays or OpenAI batch JSONL;
@@ -158,6 +187,7 @@ def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, 
                         "folder or an object store")
     cfg = RunConfig(input=input_url, output=output, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                     max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, device=device,
+                    data_parallel_size=data_parallel_size, enable_expert_parallel=enable_expert_parallel,
                     overwrite=not resume, quiet=quiet, part_rows=part_rows, base_urls=tuple(base_urls),
                     api_key_env=api_key_env, provider=provider, concurrency=concurrency, max_retries=max_retries,
                     request_timeout=request_timeout, rpm=rpm, tpm=tpm, max_cost_usd=max_cost_usd, when=when,

@@ -30,6 +30,9 @@ class RunConfig(RowOptions):
     quiet: bool = False
     part_rows: int = 512
     device: str = "auto"
+    # several ranks (batchv4.engine.distributed): attention data-parallel, experts expert-parallel
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
     # --backend openai: a remote OpenAI-compatible API (see batchv4.remote)
     base_urls: tuple[str, ...] = ()
     api_key_env: str | None = None     # the NAME of the environment variable holding the key
@@ -55,6 +58,10 @@ class RunConfig(RowOptions):
         d = {k: getattr(self, k) for k in keys} | extra
         d["stop"], d["keep_columns"] = list(self.stop), list(self.keep_columns)
         d["shard"] = list(self.shard) if self.shard else None
+        for k in ("json_schema", "regex", "choice", "max_thinking_tokens"):     # only when set: earlier
+            v = getattr(self, k)                                                # fingerprints stay
+            if v not in (None, ()):
+                d[k] = list(v) if isinstance(v, tuple) else v
         if self.backend != "local":     # earlier (local) fingerprints stay as they were
             from batchv4.io.urls import redact_url
 
@@ -81,7 +88,8 @@ def check_options(cfg: RunConfig) -> None:
 
     if not cfg.output:
         raise UserError("an output folder is required (-o OUT)")
-    for name in ("n", "max_tokens", "part_rows", "max_batched_tokens", "max_num_seqs", "read_batch_rows"):
+    for name in ("n", "max_tokens", "part_rows", "max_batched_tokens", "max_num_seqs", "read_batch_rows",
+                 "data_parallel_size"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
@@ -96,12 +104,17 @@ def check_options(cfg: RunConfig) -> None:
 
         if cfg.base_urls:
             raise UserError("--base-url needs --backend openai")
-        ModelConfig.load(cfg.model)
+        mc = ModelConfig.load(cfg.model)
+        if cfg.enable_expert_parallel and cfg.data_parallel_size > mc.n_routed_experts:
+            raise UserError(f"--data-parallel-size {cfg.data_parallel_size} with --enable-expert-parallel: "
+                            f"the model has only {mc.n_routed_experts} routed experts")
         parse_bytes(cfg.kv_cache_memory)
         check_device(cfg.device)
         return
     if cfg.backend != "openai":
         raise UserError(f"--backend must be local or openai, got {cfg.backend!r}")
+    if cfg.data_parallel_size != 1 or cfg.enable_expert_parallel:
+        raise UserError("--data-parallel-size and --enable-expert-parallel are options of the local backend")
     from batchv4.remote.client import check_base_url, provider_of
 
     if not cfg.base_urls:

@@ -70,11 +70,21 @@ class EngineStats:
 
 
 class LLM:
+    def __new__(cls, *args, data_parallel_size: int = 1, **kwargs):
+        # vLLM's spelling: LLM(..., data_parallel_size=N) is a rank group of N engines
+        if cls is LLM and data_parallel_size != 1:
+            from batchv4.engine.distributed.launcher import RankGroup
+
+            return super().__new__(RankGroup)
+        return super().__new__(cls)
+
     def __init__(self, model: str = "tiny", dtype: str | torch.dtype = "auto", device: str = "auto",
                  kv_cache_memory: int | str = "512MiB", max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, max_snapshots: int = 64, seed: int = 0, page_size: int = 8,
                  max_model_len: int | None = None, layers: list[int] | None = None,
-                 use_kernels: bool | None = None, dry_run: bool = False, kv_cache_dtype: str = "auto") -> None:
+                 use_kernels: bool | None = None, dry_run: bool = False, kv_cache_dtype: str = "auto",
+                 data_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                 expert_shard: tuple[int, int] | None = None) -> None:
         """`page_size` is in compressed entries per page (8 = 32 tokens of a CSA layer): small pages
         keep short sequences' partly filled pages small (see benchmarks/RESULTS.md, cache memory).
         `dry_run` builds the model on the meta device and runs the scheduler and cache manager
@@ -82,7 +92,11 @@ class LLM:
         `kv_cache_dtype="fp8"` stores compressed entries as FP8 (584 B each for V4 in bf16) and
         indexer keys as FP4 (68 B), and runs the reference's FP8/FP4 activation simulation, whose
         values those formats hold exactly; "auto" keeps them in the model's dtype. FP8 runs on the
-        torch attention path (the Triton attention kernels read the native layout)."""
+        torch attention path (the Triton attention kernels read the native layout).
+        `data_parallel_size=N` (N > 1) makes this a `RankGroup` of N ranks
+        (`batchv4.engine.distributed`), with `enable_expert_parallel` sharding the routed experts
+        over them. `expert_shard=(rank, world)` builds (and loads) only that rank's block of routed
+        experts; the rank group passes it, and the engine then needs an expert exchange."""
         if kv_cache_dtype not in ("auto", "fp8"):
             raise UserError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
         from batchv4.model.model import Transformer
@@ -104,7 +118,7 @@ class LLM:
             if kernels and fp8:
                 raise UserError("kv_cache_dtype='fp8' runs without the Triton attention kernels: "
                                  "pass use_kernels=False")
-        build = dict(use_kernels=kernels, activation_sim=fp8 and not dry_run)
+        build = dict(use_kernels=kernels, activation_sim=fp8 and not dry_run, expert_shard=expert_shard)
         if dry_run:
             with torch.device("meta"):
                 self.model = Transformer(self.cfg, layers, **build)
@@ -115,7 +129,8 @@ class LLM:
 
             with torch.device("meta"):
                 self.model = Transformer(self.cfg, layers, **build)
-            load_checkpoint(self.model, model, layers=layers, dtype=self.dtype, device=str(self.device))
+            self.load_report = load_checkpoint(self.model, model, layers=layers, dtype=self.dtype,
+                                               device=str(self.device), expert_shard=expert_shard)
         self.model.eval()
         from batchv4.tokenizer import load_tokenizer
 
@@ -128,8 +143,14 @@ class LLM:
             ModelRunner(self.model, self.layout, slots, pages, self.device, self.sampler)
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
         eos = self.tokenizer.eos_id
+        from batchv4.structured.processor import StructuredProcessor
+
+        # grammar masks and thinking budgets: applied by the runner, advanced by the scheduler's update
+        self.structured = StructuredProcessor(self.tokenizer, self.cfg.vocab_size)
+        self.runner.logits_processors.append(self.structured)
         self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, self.max_model_len,
-                                   make_detok=lambda params: IncrementalDetokenizer(self.tokenizer, params, eos))
+                                   make_detok=lambda params: IncrementalDetokenizer(self.tokenizer, params, eos),
+                                   observers=[self.structured])
         self._stats = EngineStats(page_bytes_per_token=self.layout.bytes_per_token(),
                                   bytes_per_snapshot=self.layout.bytes_per_snapshot())
         self._plans = 0
@@ -258,6 +279,14 @@ class LLM:
             return f"token id {bad[0]} is outside the vocabulary (0..{V - 1})"
         if not req.prompt_token_ids:
             return "empty prompt"
+        p = req.params.structured_outputs
+        if p is not None:
+            from batchv4.structured.grammars import GrammarError, compiler_for
+
+            try:
+                compiler_for(self.tokenizer, self.cfg.vocab_size).grammar(p)
+            except GrammarError as e:
+                return f"cannot compile the {p.kind} constraint: {e}"
         return None
 
     def _track_peaks(self) -> None:

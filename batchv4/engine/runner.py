@@ -56,6 +56,10 @@ class ModelRunner:
         result = StepResult()
         for key in plan.dropped:
             self.kept_logits.pop(key, None)
+        for proc in self.logits_processors:      # e.g. grammar masks, filled beside the forward
+            prepare = getattr(proc, "prepare", None)
+            if prepare is not None:
+                prepare(plan)
         self._copy(plan.copies_before)
         logits = self._forward(plan, result) if plan.chunks else None
         self._copy(plan.copies_after)
@@ -110,7 +114,8 @@ class ModelRunner:
             for k in range(e.num_samples):
                 index = seq.sample_index if e.num_samples == 1 else k
                 rows.append(RowState(seq.request.params, seq.request.request_id, index, seq.num_generated,
-                                     seq.tokens[:seq.num_prompt], seq.tokens[seq.num_prompt:]))
+                                     seq.tokens[:seq.num_prompt], seq.tokens[seq.num_prompt:],
+                                     seq.request.thinking))
                 tensors.append(lg)
                 owners.append((seq.seq_id, index))
         logits = _stack_rows(tensors, step_logits)

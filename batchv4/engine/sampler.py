@@ -45,6 +45,7 @@ class RowState:
     step: int  # tokens generated so far by this sample
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+    thinking: bool = False
 
 
 @dataclass(frozen=True)

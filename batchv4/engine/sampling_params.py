@@ -129,6 +129,16 @@ def _check_seed(label: str, v: Any) -> int | None:
     return None if v is None else _int(label, v)
 
 
+def _check_structured(label: str, v: Any):
+    from batchv4.structured.params import StructuredOutputsParams
+
+    return StructuredOutputsParams.of(v)
+
+
+def _check_thinking_budget(label: str, v: Any) -> int | None:
+    return None if v is None else _int(label, v, minimum=0)
+
+
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "n": _check_n,
     "max_tokens": _check_max_tokens,
@@ -146,6 +156,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "logprobs": _check_logprobs,
     "seed": _check_seed,
     "skip_special_tokens": _bool,
+    "structured_outputs": _check_structured,
+    "max_thinking_tokens": _check_thinking_budget,
 }
 
 # OpenAI chat body key -> parameter. The first group is OpenAI's; the second is the extra sampling
@@ -167,6 +179,7 @@ _OPENAI_KEYS = {
     "ignore_eos": "ignore_eos",
     "include_stop_str_in_output": "include_stop_str_in_output",
     "skip_special_tokens": "skip_special_tokens",
+    "thinking_token_budget": "max_thinking_tokens",
 }
 
 
@@ -196,6 +209,10 @@ class SamplingParams:
     logprobs: int | None = None
     seed: int | None = None
     skip_special_tokens: bool = True
+    # the output must match this (a JSON schema, a regex, a choice, a grammar): batchv4.structured
+    structured_outputs: Any = None
+    # thinking mode: `</think>` is forced once this many tokens were generated without one
+    max_thinking_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -220,6 +237,8 @@ class SamplingParams:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["stop"] = list(self.stop)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        if self.structured_outputs is not None:
+            d["structured_outputs"] = self.structured_outputs.to_dict()
         return d
 
     @classmethod
@@ -252,7 +271,30 @@ def openai_overrides(body: Mapping[str, Any]) -> dict[str, Any]:
     logprobs = _openai_logprobs(body.get("logprobs"), body.get("top_logprobs"))
     if logprobs is not None:
         out["logprobs"] = logprobs
+    structured = _openai_structured(body)
+    if structured is not None:
+        out["structured_outputs"] = structured.to_dict()
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _openai_structured(body: Mapping[str, Any]):
+    """OpenAI's `response_format`, or vLLM's `structured_outputs` (and its older `guided_json`,
+    `guided_regex`, `guided_choice`, `guided_grammar`) extra keys."""
+    from batchv4.structured.params import StructuredOutputsParams, from_response_format
+
+    found = []
+    rf = from_response_format(body.get("response_format"))
+    if rf is not None:
+        found.append(rf)
+    if body.get("structured_outputs") is not None:
+        found.append(StructuredOutputsParams.of(body["structured_outputs"]))
+    for key, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if body.get(key) is not None:
+            found.append(StructuredOutputsParams(**{kind: body[key]}))
+    if len(found) > 1:
+        raise UserError("give one of response_format, structured_outputs and guided_*")
+    return found[0] if found else None
 
 
 def _openai_logprobs(logprobs: Any, top_logprobs: Any) -> int | None:

@@ -133,6 +133,8 @@ class Scheduler:
         """Drop every request (a consumer stopped early): sequences, pages and snapshots freed."""
         for seq in [*self.running, *self.waiting]:
             seq.status = "finished"
+            for o in self.observers:
+                o.on_finish(seq)
         self.running.clear()
         self.waiting.clear()
         self.requests.clear()

@@ -211,7 +211,8 @@ def openai_params(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # OpenAI body keys a remote backend passes through as they are (the local engine refuses tools)
-PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+# (response_format is read into the row's sampling parameters as structured outputs)
+PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls")
 
 # keys of `RowRequest.params` that are not sampling parameters
 ROW_ONLY_PARAMS = ("thinking", "reasoning_effort", "extra_body")

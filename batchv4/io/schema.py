@@ -36,6 +36,10 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     # remote backends: the provider's id of the request, and whether the response had no usage
     # (counted with batchv4's tokenizer instead). Null for the local engine and older parts.
     pa.field("provider_request_id", pa.string()),
+    # structured outputs: whether the output matches the row's schema / regex / choice / grammar,
+    # and the parsed JSON written back compactly (JSON kinds). Null for unconstrained rows.
+    pa.field("valid", pa.bool_()),
+    pa.field("parsed", pa.string()),
     pa.field("usage_counted_locally", pa.bool_()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("content_hash", pa.string(), nullable=False),

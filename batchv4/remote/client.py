@@ -109,6 +109,21 @@ def request_body(req, sample_index: int, model: str, provider: str) -> dict[str,
                 body[k] = getattr(p, k)
         if p.stop_token_ids:
             body["stop_token_ids"] = list(p.stop_token_ids)
+    so = p.structured_outputs
+    if so is not None:
+        from batchv4.structured.params import to_response_format
+
+        rf = to_response_format(so)
+        if provider == "vllm":      # vLLM's (and batchv4 serve's) structured_outputs take every kind
+            body["structured_outputs"] = so.to_dict()
+        elif rf is not None:
+            # DeepSeek's API takes json_object only: the schema then goes by the prompt, and the
+            # output is checked against it (valid)
+            body["response_format"] = {"type": "json_object"} if provider == "deepseek" else rf
+        else:
+            raise _Fatal(f"{so.kind} constraints are not supported by the {provider} API (use --provider vllm)")
+    if p.max_thinking_tokens is not None and provider == "vllm":
+        body["thinking_token_budget"] = p.max_thinking_tokens
     if provider == "deepseek":
         body["thinking"] = {"type": "enabled" if req.thinking else "disabled"}
     elif provider == "vllm":
@@ -491,7 +506,7 @@ class _Run:
 
         b = self.b
         url = b.urls[item.endpoint] + "/chat/completions"
-        body = request_body(item.req, item.sample, b.model, b.providers[item.endpoint])
+        body = request_body(item.req, item.sample, b.model, b.providers[item.endpoint])     # _Fatal if unsendable
         b._stats["attempts"] += 1
         t0 = time.perf_counter()
         try:

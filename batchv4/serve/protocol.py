@@ -48,11 +48,6 @@ def check_supported(body: dict, chat: bool) -> None:
     for key in ("tool_choice", "function_call"):
         if body.get(key) is not None and body.get(key) != "none":
             raise ApiError(400, _UNSUPPORTED_TOOLS, param=key)
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        kind = rf.get("type") if isinstance(rf, dict) else rf
-        raise ApiError(400, f"response_format {kind!r} is not supported by batchv4's local engine",
-                       param="response_format")
     if body.get("logit_bias"):
         raise ApiError(400, "logit_bias is not supported by batchv4's local engine", param="logit_bias")
     if not chat:

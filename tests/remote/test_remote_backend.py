@@ -305,3 +305,24 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     twice = len(api.log) - len(rows)
     assert twice > 0 and twice - 2 <= s["counts"]["resent_requests"] <= twice
     assert not os.path.exists(tmp_path / "out" / "_batchv4_sent.txt")
+
+
+def test_structured_outputs_in_request_bodies():
+    from batchv4.engine.sampling_params import SamplingParams
+    from batchv4.engine.scheduler import EngineRequest
+    from batchv4.remote.client import _Fatal, request_body
+    from batchv4.structured import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    msgs = [{"role": "user", "content": "x"}]
+
+    def body(so, provider):
+        req = EngineRequest("r", [1], SamplingParams(max_tokens=4, structured_outputs=so), messages=msgs)
+        return request_body(req, 0, "m", provider)
+
+    assert body(StructuredOutputsParams(json=schema), "vllm")["structured_outputs"] == {"json": schema}
+    assert body(StructuredOutputsParams(json=schema), "openai")["response_format"]["json_schema"]["schema"] == schema
+    assert body(StructuredOutputsParams(json=schema), "deepseek")["response_format"] == {"type": "json_object"}
+    assert body(StructuredOutputsParams(regex="a+"), "vllm")["structured_outputs"] == {"regex": "a+"}
+    with pytest.raises(_Fatal, match="regex constraints are not supported by the deepseek API"):
+        body(StructuredOutputsParams(regex="a+"), "deepseek")

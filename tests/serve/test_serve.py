@@ -5,6 +5,7 @@ disconnects freeing the engine, and concurrent requests."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -259,6 +260,20 @@ def test_tools_are_400(client):
     with pytest.raises(openai.BadRequestError) as ei:
         chat(client, msgs("x"), tools=tools)
     assert "tools are not supported" in str(ei.value)
+
+
+def test_structured_outputs(client):
+    """OpenAI's response_format and vLLM's structured_outputs constrain the local engine's output."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    r = chat(client, msgs("a number"), max_tokens=20, temperature=0.9, seed=3,
+             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert 1 <= json.loads(r.choices[0].message.content)["n"] <= 9 and r.choices[0].finish_reason == "stop"
+    r = chat(client, msgs("pick"), max_tokens=10, extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
+    assert r.choices[0].message.content in ("red", "blue")
+    with pytest.raises(openai.BadRequestError) as ei:
+        chat(client, msgs("x"), extra_body={"structured_outputs": {"regex": "(a|b"}})
+    assert "regex" in str(ei.value)
 
 
 def test_api_key_is_required(base_url, http):
