@@ -18,6 +18,8 @@ demo: install
 	$(VENV)/bin/batchv4 report out/demo
 
 test: install
+	# best effort: Debian's chromium for the HTML report tests (they skip where it is missing)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 .PHONY: install demo test

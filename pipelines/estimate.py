@@ -5,8 +5,11 @@ and `max_tokens` of OpenAI bodies, context pre-check, the `--model`'s tokenizer)
 exactly the rows `run` would run. Exact prompt tokens, predicted cache hits from the same packing
 the run uses (for this engine, which resumes at exact branch points, and for the API, which caches
 whole prefix units, counted as `run` counts `api_cache_hit_tokens`), output tokens as a
-low/expected/high range, the price on the chosen card and the alternatives at peak and off-peak,
-and the cheapest window to run it.
+low/expected/high range, the price on the chosen card and the alternatives at peak and off-peak
+(each split by token class), the cheapest window to run it, the week calendar of its price by
+start hour, the prompt-token histogram (fixed bins, gathered while streaming), and with a
+throughput how long it takes and whether it ends inside the window it starts in. `start` prices a
+job that starts later.
 
 Owns: the estimate's figures. Does not own: rows (`pipelines.frontend`), planning (`packing`) or
 prices (`accounting`). Never imports torch.
@@ -28,6 +31,9 @@ class EstimateConfig(RowOptions):
     prices_file: str | None = None
     # small batches: the first is built, and the last planned, while the tokenizer waits
     read_batch_rows: int = 1024
+    start: datetime | None = None          # when the job starts (default: now)
+    throughput: float | None = None        # computed tokens per second, given ...
+    throughput_from: str | None = None     # ... or measured by an earlier run's output folder
 
 
 def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
@@ -36,8 +42,9 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
     from batchv4.packing import PackConfig, PackInput, PlanStats, plan_counts
     from batchv4.pipelines.frontend import Frontend, options_of
     from batchv4.pipelines.run_state import RunState
+    from batchv4.report.figures import TokenHistogram, quote_split, schedule, throughput_from, week_calendar
 
-    now = now or datetime.now(timezone.utc)
+    now = cfg.start or now or datetime.now(timezone.utc)
     t0 = time.perf_counter()
     private = load_price_file(cfg.prices_file) if cfg.prices_file else {}
     card = get_card(cfg.price, private)
@@ -53,6 +60,7 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
     # sums over rows (x n samples): prompt, engine hits, API hits, output tokens low/expected/high
     prompt = engine_hit = api_hit = samples = 0
     out = [0, 0, 0]
+    hist = TokenHistogram()
     ranges: dict[int, tuple[int, int, int]] = {}      # per max_tokens: rows share a few
     with RunState() as state:
         keys: dict[tuple[int, int], tuple[int, int]] = {}
@@ -71,6 +79,7 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
                                                                               spill_dir=state.dir):
             samples += n
             prompt += length * n
+            hist.add(length, api_hit_tokens)
             # later samples of a prompt: the engine serves all of it from its cache, an API its whole units
             engine_hit += resume_pos + (n - 1) * length
             api_hit += api_hit_tokens + (n - 1) * (length - length % unit)
@@ -90,6 +99,11 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
     price = {name: price_totals(t, card, now) for name, t in api.items()}
     best = cheapest_window(api["expected"], card, now) if card.has_token_prices else None
     per_row = {name: (v / samples if samples else 0.0) for name, v in zip(("low", "expected", "high"), out)}
+    quotes = compare_cards(api["expected"], now, private=private)
+    tps, tps_source = cfg.throughput, ("--throughput" if cfg.throughput else None)
+    if tps is None and cfg.throughput_from:
+        tps, tps_source = throughput_from(cfg.throughput_from)
+    calendar = week_calendar(api["expected"], card, now) if card.has_token_prices else None
     return {
         "rows": counts["planned_rows"],
         "error_rows": counts["error_rows"],
@@ -108,11 +122,19 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
         "plan": {"groups": stats.groups, "snapshots": stats.snapshots, "max_live_snapshots": stats.max_live_snapshots},
         "card": card.name,
         "cost_usd": price,
-        "cheapest_window": None if best is None else {"start": best.start.isoformat(), "end": best.end.isoformat(),
-                                                      "cost_usd": best.cost_usd},
+        "cheapest_window": None if best is None else {
+            "start": best.start.isoformat(), "end": best.end.isoformat(), "cost_usd": best.cost_usd,
+            "saving_usd": price["expected"] - best.cost_usd},
         "compare": [{"card": q.card, "label": q.label, "window": q.window, "at": q.at.isoformat(),
-                     "cost_usd": q.cost_usd, "approximate": q.approximate}
-                    for q in compare_cards(api["expected"], now, private=private)],
+                     "cost_usd": q.cost_usd, "approximate": q.approximate,
+                     "split": quote_split(api["expected"], get_card(q.card, private), q.at)}
+                    for q in quotes],
+        "start": now.isoformat(),
+        "calendar": calendar,
+        "prompt_tokens_histogram": hist.to_dict(),
+        # computed tokens: what the engine prefills (after its cache hits) and generates
+        "schedule": schedule(api["expected"], card, now, prompt - engine_hit + out[1], tps, tps_source),
+        "billing_calendar": BILLING_NOTE,
         # read_build and tokenize: this thread's seconds in each; tokenize_stage: the tokenizer
         # worker's, which overlap reading and planning (see Frontend.batches)
         "seconds": {"total": time.perf_counter() - t0, "tokenize": timings.get("tokenize", 0.0),
@@ -120,6 +142,12 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
         "notes": f"API hits assume whole cache units of {unit} tokens; other providers' cards are approximate "
                  "(their tokenizers differ from V4's).",
     }
+
+
+BILLING_NOTE = ("DeepSeek cards: peak hours on working days only; weekends and China's public holidays "
+                "(the holidays package's calendar) are off-peak, as DeepSeek's pricing page states "
+                "(https://api-docs.deepseek.com/zh-cn/quick_start/pricing). Weekend make-up working days "
+                "(调休) are priced as working days, an upper bound: the page does not name them.")
 
 
 def _output_range(given: tuple[int, int, int] | None, max_tokens: int) -> tuple[int, int, int]:

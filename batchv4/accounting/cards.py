@@ -31,14 +31,19 @@ class DeepSeekPeakRule:
 
     - peak windows only exist from `peak_since` (UTC date); before it V4 had one flat price;
     - from `weekend_off_peak_since` (Beijing date) Saturdays and Sundays, Beijing time, are
-      off-peak all day.
-
-    Chinese public holidays are also off-peak; they are not modelled, so a holiday's peak hours
-    stay an upper bound.
+      off-peak all day;
+    - from `holiday_off_peak_since` (Beijing date) China's public holidays are off-peak all day
+      (taken from the `holidays` package's calendar, see `pricing.beijing_day_kind`);
+    - `makeup_days_peak`: a weekend make-up working day (调休) is billed as a working day. The
+      pricing page names Monday to Friday and weekends, not make-up days, so this is the upper
+      bound (peak hours at peak price); False bills them as weekends.
     """
 
     peak_since: date = date(2026, 8, 17)
     weekend_off_peak_since: date = date(2026, 8, 23)
+    # the page states the holiday rule with the weekend rule; no holiday fell between the two dates
+    holiday_off_peak_since: date = date(2026, 8, 23)
+    makeup_days_peak: bool = True
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Owns: `RowUsage` (with the rule prompt = cache hit + cache miss, and reasoning counted inside
 completion, never charged twice), pricing under a card (genai-prices `calc_price` for public
 models, plain arithmetic for private cards), the one correction of genai-prices' DeepSeek table
-(`billing_instant`), and self-hosted cost. Does not own: card names and files (`cards`),
-amortization (`amortize`), totals and comparisons (`summary`).
+(`billing_instant`: weekends and China's public holidays), and self-hosted cost. Does not own:
+card names and files (`cards`), amortization (`amortize`), totals and comparisons (`summary`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from numbers import Integral
 from typing import Any
 
-from batchv4.accounting.cards import PriceCard
+from batchv4.accounting.cards import DeepSeekPeakRule, PriceCard
 from batchv4.errors import UserError
 
 UTC = timezone.utc
@@ -131,14 +131,53 @@ def _utc_seconds(t: time) -> float:
     return (t.hour * 3600 + t.minute * 60 + t.second - offset.total_seconds()) % 86400
 
 
+# DeepSeek's pricing page, https://api-docs.deepseek.com/zh-cn/quick_start/pricing (note 2, as
+# stored in October 2026): "北京时间周一至周五（不含中国法定节假日）9:00 - 12:00、14:00 - 18:00 为高峰
+# 时段；其余时段，包括周末及中国法定节假日全天均为空闲时段。" Peak hours are Monday to Friday, Beijing
+# time, except China's public holidays; weekends and public holidays are off-peak all day. The
+# page says nothing of make-up working days (调休, a Saturday or Sunday worked in exchange for a
+# holiday): `DeepSeekPeakRule.makeup_days_peak` bills them as working days, the upper bound.
+HOLIDAY_SOURCE = "https://api-docs.deepseek.com/zh-cn/quick_start/pricing"
+
+
+@functools.lru_cache(maxsize=None)
+def _china_year(year: int) -> tuple[frozenset[date], frozenset[date]]:
+    """China's holidays and weekend make-up working days of `year`, from the `holidays` package.
+
+    Where the installed calendar has no State Council schedule for the year (it then only knows
+    the statutory dates and guesses their "observed" days), the guessed days are left out: they
+    stay working days, the upper bound."""
+    import holidays
+    from holidays.countries.china import ChinaStaticHolidays
+
+    cal = holidays.China(years=year, language="en_US")
+    published = year in getattr(ChinaStaticHolidays, "special_public_holidays", {})
+    days = frozenset(d for d, name in cal.items() if published or "observed" not in name.lower())
+    makeup = frozenset(d for d in getattr(cal, "weekend_workdays", ()) if d.year == year)
+    return days, makeup
+
+
+def beijing_day_kind(rule: DeepSeekPeakRule, day: date) -> str:
+    """How DeepSeek bills the Beijing date `day`: "holiday" or "weekend" (off-peak all day),
+    "makeup" (a weekend make-up working day, billed as a working day when
+    `rule.makeup_days_peak`), or "working" (peak hours at peak price)."""
+    holidays_, makeup = _china_year(day.year)
+    if day in holidays_ and day >= rule.holiday_off_peak_since:
+        return "holiday"
+    if day.weekday() >= 5 and day >= rule.weekend_off_peak_since:
+        return "makeup" if day in makeup and rule.makeup_days_peak else "weekend"
+    return "working"
+
+
 def billing_instant(card: PriceCard, when: datetime) -> datetime:
     """The instant at which to ask genai-prices for what the provider bills at `when`.
 
     The one place that corrects the table: genai-prices prices DeepSeek's peak windows every day
-    and on every date, but DeepSeek bills Saturdays and Sundays (Beijing time) off-peak, and V4
-    had no peak price before peak billing began. For such a peak-window instant this returns an
-    off-peak instant of the same UTC date, so the same dated price period (the table's
-    `StartDateConstraint`s are UTC dates) applies at its off-peak rate. Otherwise `when` itself.
+    and on every date, but DeepSeek bills Saturdays, Sundays and China's public holidays (Beijing
+    time) off-peak (see `HOLIDAY_SOURCE`), and V4 had no peak price before peak billing began.
+    For such a peak-window instant this returns an off-peak instant of the same UTC date, so the
+    same dated price period (the table's `StartDateConstraint`s are UTC dates) applies at its
+    off-peak rate. Otherwise `when` itself: genai-prices' own answer, unchanged.
     """
     check_aware(when, "time")
     rule = card.deepseek_rule
@@ -147,10 +186,9 @@ def billing_instant(card: PriceCard, when: datetime) -> datetime:
     windows = time_of_day_windows(card)
     if not any(w.active(when) for w in windows):
         return when
-    beijing = when.astimezone(BEIJING)
-    weekend = beijing.weekday() >= 5 and beijing.date() >= rule.weekend_off_peak_since
+    off_day = beijing_day_kind(rule, when.astimezone(BEIJING).date()) in ("holiday", "weekend")
     before_peak_billing = when.astimezone(UTC).date() < rule.peak_since
-    if not (weekend or before_peak_billing):
+    if not (off_day or before_peak_billing):
         return when
     return _off_peak_same_day(when, windows)
 
