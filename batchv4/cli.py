@@ -20,6 +20,7 @@ COMMANDS = {
     "report": "batchv4.pipelines.report_cmd:report",
     "model-info": "batchv4.pipelines.model_info:model_info",
     "serve": "batchv4.serve.cmd:serve",
+    "generate": "batchv4.pipelines.generate_cmd:generate",
 }
 
 

@@ -59,12 +59,14 @@ class _Errors:
 
 
 def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None, *,
-        build_beside_reading: bool = True) -> dict:
+        build_beside_reading: bool = True, skip_done_in: Callable[[str], set] | None = None) -> dict:
     """`llm_factory(cfg)` builds the backend (default: the local `LLM`); `run` drives it only
     through the backend protocol (`batchv4.engine.backend`: `generate_stream`, `stats`). It is
     built once the first row to generate is known, in a thread beside the rest of the reading
     and planning (a checkpoint takes minutes to load), or after them without
-    `build_beside_reading`; never when there is nothing to generate."""
+    `build_beside_reading`; never when there is nothing to generate. `skip_done_in(fingerprint)`
+    names content hashes done elsewhere under the same configuration (`generate`: earlier
+    nights); those rows are skipped and counted as `skipped_elsewhere`."""
     from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.io.outdir import claim_output
     from batchv4.io.writers import PartWriter, check_writable
@@ -85,8 +87,9 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None, *
         writer = PartWriter(cfg.output, kept=fe.kept, meta={"fingerprint": fp, "config": cfg.public()},
                             storage_options=so)
         try:
+            elsewhere = frozenset(skip_done_in(fp)) if skip_done_in is not None else frozenset()
             return _run(cfg, fp, fe, card, private, state, writer, llm_factory or _default_llm,
-                        build_beside_reading)
+                        build_beside_reading, elsewhere)
         except BaseException:
             # an error, Ctrl-C or SIGTERM: list what was written (a kill -9 loses at most about 1/64 of it)
             if writer.manifest["parts"] or writer.manifest["error_parts"]:
@@ -123,7 +126,7 @@ class _Build:
         return self.llm
 
 
-def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool) -> dict:
+def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool, elsewhere=frozenset()) -> dict:
     from batchv4.packing import PackConfig, plan
     from batchv4.pipelines.run_output import amortize, output_rows, summary, write_json
     from batchv4.pipelines.run_resume import drop_stale
@@ -142,7 +145,9 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool) ->
         if early and not build:
             build.append(_Build(llm_factory, cfg))
 
-    planned = plan(_read(cfg, fe, state, errors, counts, timings, start_build), spill_dir=state.dir)
+    if elsewhere:
+        counts["skipped_elsewhere"] = 0
+    planned = plan(_read(cfg, fe, state, errors, counts, timings, start_build, elsewhere), spill_dir=state.dir)
     t0 = time.perf_counter()
     first = next(planned, None)           # the plan has read the whole input by its first request
     timings["plan"] = time.perf_counter() - t0 - timings["read_build"] - timings["tokenize"]
@@ -242,7 +247,7 @@ def _engine_error(req, message: str | None) -> dict:
                     json.dumps({"messages": req.messages}, ensure_ascii=False)).to_record()
 
 
-def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None):
+def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None, elsewhere=frozenset()):
     """The front-end's rows as `PackInput(id, token ids)`, each row's record put in `state`;
     rows an earlier invocation finished with the same content are skipped, error rows it wrote
     are not written again."""
@@ -257,6 +262,9 @@ def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None):
     def skip(req) -> bool:
         if state.is_done(req.id, req.content_hash):
             counts["skipped_done"] += 1
+            return True
+        if elsewhere and req.content_hash in elsewhere:
+            counts["skipped_elsewhere"] += 1
             return True
         return False
 

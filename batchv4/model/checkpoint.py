@@ -5,6 +5,8 @@ half-reverted `save_pretrained` output), matching every checkpoint tensor to a m
 (per-expert tensors into slices of the stacked expert weights; transformers' `gate_up_proj` split
 into w1 and w3), validating names and shapes before any data is read, and materializing tensors one
 at a time — dequantized to the requested dtype or kept quantized (raw weight + float32 scale).
+Loading by rank (`expert_shard=(rank, world)`): only that rank's routed experts are read, plus
+every replicated tensor; the other ranks' expert tensors are never touched.
 Does not own: the tensor inventory and name maps (`inventory.py`), the number formats
 (`quant.py`), or writing checkpoints (`checkpoint_writer.py`).
 
@@ -48,6 +50,7 @@ class LoadReport:
     tensors_read: int = 0
     bytes_read: int = 0
     skipped: list[str] = field(default_factory=list)
+    other_ranks_expert_tensors: int = 0    # expert tensors (weights and scales) left to other ranks
 
 
 @dataclass
@@ -184,7 +187,8 @@ def _checkpoint_cfg(path: str, model: nn.Module) -> ModelConfig | None:
 
 
 def _plan(model: nn.Module, infos: dict[str, TensorInfo], layout: str, layers: list[int] | None,
-          strict: bool, dspark: bool, report: LoadReport) -> tuple[dict[str, _Target], set[str]]:
+          strict: bool, dspark: bool, report: LoadReport, experts: tuple[int, int] | None = None
+          ) -> tuple[dict[str, _Target], set[str]]:
     """Match checkpoint tensors to model tensors; raise on missing, unexpected or misshapen ones.
     Returns the targets and the model names deliberately left unloaded (a skipped draft module)."""
     targets = _model_targets(model)
@@ -207,6 +211,11 @@ def _plan(model: nn.Module, infos: dict[str, TensorInfo], layout: str, layers: l
         is_mtp = name.startswith("mtp.")
         if is_mtp:
             mtp_keys.append(key)
+        if experts is not None and isinstance(slot, int):      # global expert id -> this rank's slot
+            if not experts[0] <= slot < experts[1]:
+                report.other_ranks_expert_tensors += 1
+                continue
+            slot -= experts[0]
         if part == "scale":
             scales[(name, slot)] = info
             continue
@@ -320,7 +329,8 @@ def _convert(w: torch.Tensor, s: torch.Tensor | None, name: str, dtype: torch.dt
 
 def load_checkpoint(model: nn.Module, path: str, *, layers: list[int] | None = None,
                     dtype: torch.dtype = torch.bfloat16, keep_quantized: bool = False,
-                    device: str | torch.device = "cpu", strict: bool = True) -> LoadReport:
+                    device: str | torch.device = "cpu", strict: bool = True,
+                    expert_shard: tuple[int, int] | None = None) -> LoadReport:
     """Fill `model` (usually built on the meta device) from the checkpoint at `path` (a directory
     of `*.safetensors` shards, or one file) and return what was read and what was skipped.
 
@@ -328,14 +338,24 @@ def load_checkpoint(model: nn.Module, path: str, *, layers: list[int] | None = N
     are dequantized to `dtype` (fp32-role tensors stay fp32), or with `keep_quantized` assigned raw
     with a float32 `scale` / `w*_scale` buffer. `layers` loads a subset of the main layers (the model
     holds exactly those). strict=False tolerates missing and unexpected tensors (logged); misshapen
-    ones, and model tensors left on the meta device, always fail.
+    ones, and model tensors left on the meta device, always fail. `expert_shard=(rank, world)`: the
+    model was built with the same shard; only that rank's block of routed experts is read (per-expert
+    layouts: official and hf-reverted).
     """
     infos, files = read_headers(path)
     layout = detect_layout(list(infos))
     report = LoadReport(layout=layout, files=len(files))
     cfg = _checkpoint_cfg(path, model)
     dspark = bool(cfg is not None and cfg.extra.get("dspark"))
-    targets, left = _plan(model, infos, layout, layers, strict, dspark, report)
+    experts = None
+    if expert_shard is not None:
+        if layout == "hf":
+            raise CheckpointError(f"{path}: loading by rank reads per-expert tensors (the official layout); "
+                                  "this checkpoint stacks each layer's experts (transformers' layout)")
+        from batchv4.model.moe import expert_range
+
+        experts = expert_range(model.cfg.n_routed_experts, expert_shard)
+    targets, left = _plan(model, infos, layout, layers, strict, dspark, report, experts)
     n_experts = getattr(getattr(model, "cfg", None), "n_routed_experts", None)
     for name in targets:  # scale slots are refilled below only for weights that stay quantized
         if _has(model, _scale_name(name)):

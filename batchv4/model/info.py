@@ -156,3 +156,99 @@ def model_info(cfg: ModelConfig, context: int = 1 << 20, path: str | None = None
         if infos:
             info.on_disk = {"tensors": len(infos), "bytes": sum(t.nbytes for t in infos.values())}
     return info
+
+
+# ---- capacity planning: N GPUs, attention data-parallel, routed experts expert-parallel ----------
+_CKPT_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.w[123]\.(weight|scale)$")
+WORKSPACE_BYTES = 2 << 30      # CUDA context, NCCL buffers, allocator slack: a fixed reserve per GPU
+
+
+@dataclass
+class CapacityPlan:
+    gpus: int
+    gpu_memory: int
+    context: int
+    kv_cache_dtype: str             # "auto" (bf16 entries) or "fp8" (the production layout)
+    max_batched_tokens: int
+    rank_weight_bytes: list[int]    # per rank: its routed experts + the replicated tensors
+    replicated_bytes: int           # every rank's copy: attention, embedding, head, gates, shared experts
+    expert_bytes_per_rank: list[int]
+    activation_bytes: int           # one step of max_batched_tokens tokens, exchange buffers included
+    workspace_bytes: int
+    cache_budget_bytes: int         # what is left on the fullest GPU (negative: does not fit)
+    cache_bytes_per_token: float
+    cache_bytes_per_sequence: int   # fixed per running sequence: window rings + pending state
+    cached_tokens_per_gpu: int
+    sequences_per_gpu: int          # concurrent sequences at `context` tokens each
+    fits: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rank_weight_bytes(cfg: ModelConfig, gpus: int) -> tuple[int, list[int]]:
+    """(replicated bytes, [expert bytes of rank r]) of an official checkpoint, from its inventory:
+    exactly what `load_checkpoint(..., expert_shard=(r, gpus))` reads (weights in their checkpoint
+    formats, scales included)."""
+    from batchv4.model.moe import expert_range
+
+    bounds = [expert_range(cfg.n_routed_experts, (r, gpus)) for r in range(gpus)]
+    replicated, experts = 0, [0] * gpus
+    for name, (shape, dtype) in expected_inventory(cfg).items():
+        n = math.prod(shape) * DTYPE_BYTES[dtype]
+        m = _CKPT_EXPERT.search(name)
+        if m is None:
+            replicated += n
+            continue
+        e = int(m.group(1))
+        experts[next(r for r, (lo, hi) in enumerate(bounds) if lo <= e < hi)] += n
+    return replicated, experts
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, gpus: int) -> int:
+    """An estimate of one step's live activations for `tokens` tokens: the mHC streams (bf16, three
+    copies), the routed experts' fp32 intermediates and outputs for k slots, the attention's q and
+    output, the exchange's receive and combine buffers (a token reaches at most min(k, gpus) ranks),
+    and fp32 logits for up to 256 rows."""
+    D, k, I = cfg.dim, cfg.n_activated_experts, cfg.moe_inter_dim
+    per_token = (3 * cfg.hc_mult * D * 2 + 4 * k * (2 * I + D) + 2 * cfg.n_heads * cfg.head_dim * 2
+                 + min(k, gpus) * (2 * D + 8 * k + 4 * D))
+    return tokens * per_token + min(tokens, 256) * cfg.vocab_size * 4
+
+
+def capacity_plan(cfg: ModelConfig, gpus: int, gpu_memory: int, context: int = 1 << 20,
+                  kv_cache_dtype: str = "auto", max_batched_tokens: int = 8192) -> CapacityPlan:
+    """Whether `cfg` fits `gpus` GPUs of `gpu_memory` bytes with its routed experts expert-parallel
+    and everything else replicated, and how much KV cache (tokens, sequences at `context`) is left
+    per GPU. Weights count in their checkpoint formats (FP4 experts, FP8 linears for the released
+    models); the cache uses the engine's own layout (`CacheLayout`, bf16, "native" or "fp8")."""
+    from batchv4.model.forward_batch import CacheLayout
+
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if gpus > cfg.n_routed_experts:
+        raise ValueError(f"{gpus} GPUs but only {cfg.n_routed_experts} routed experts to shard")
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"kv_cache_dtype must be auto or fp8, got {kv_cache_dtype!r}")
+    replicated, experts = rank_weight_bytes(cfg, gpus)
+    weights = [replicated + e for e in experts]
+    act = activation_bytes(cfg, max_batched_tokens, gpus)
+    budget = gpu_memory - max(weights) - act - WORKSPACE_BYTES
+    layout = CacheLayout(cfg, torch.bfloat16, 8, kv_format="fp8" if kv_cache_dtype == "fp8" else "native")
+    per_token, per_seq = layout.bytes_per_token(), layout.bytes_per_slot()
+    tokens = max(0, int(budget // per_token)) if budget > 0 else 0
+    seqs = max(0, int(budget // (context * per_token + per_seq))) if budget > 0 else 0
+    if budget <= 0:
+        reason = (f"does not fit: {max(weights) / 2**30:,.1f} GiB of weights + {act / 2**30:,.1f} GiB of activations "
+                  f"+ {WORKSPACE_BYTES / 2**30:,.0f} GiB workspace per GPU exceed {gpu_memory / 2**30:,.1f} GiB")
+    elif seqs == 0:
+        reason = f"does not fit: not one sequence of {context:,} tokens fits the cache left"
+    else:
+        reason = ""
+    return CapacityPlan(gpus=gpus, gpu_memory=gpu_memory, context=context, kv_cache_dtype=kv_cache_dtype,
+                        max_batched_tokens=max_batched_tokens, rank_weight_bytes=weights,
+                        replicated_bytes=replicated, expert_bytes_per_rank=experts, activation_bytes=act,
+                        workspace_bytes=WORKSPACE_BYTES, cache_budget_bytes=int(budget),
+                        cache_bytes_per_token=per_token, cache_bytes_per_sequence=per_seq,
+                        cached_tokens_per_gpu=tokens, sequences_per_gpu=seqs, fits=not reason, reason=reason)

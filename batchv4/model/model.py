@@ -20,7 +20,7 @@ from batchv4.config import ModelConfig
 from batchv4.model.attention import Attention
 from batchv4.model.forward_batch import CacheLayout, CachePools, ForwardBatch
 from batchv4.model.layers import Linear, RMSNorm, hc_head, mhc_post, mhc_pre
-from batchv4.model.moe import MoE
+from batchv4.model.moe import MoE, expert_range
 
 
 class Embedding(nn.Module):
@@ -34,7 +34,7 @@ class Embedding(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, kind: str, ratio: int, hash_routed: bool, use_kernels: bool = False,
-                 activation_sim: bool = False) -> None:
+                 activation_sim: bool = False, expert_shard: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         n = cfg.hc_mult
@@ -48,7 +48,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, kind, ratio, use_kernels, activation_sim)
-        self.ffn = MoE(cfg, hash_routed, use_kernels)
+        self.ffn = MoE(cfg, hash_routed, use_kernels, expert_shard)
         self.use_kernels = use_kernels  # the Triton mHC kernels
 
     def _pre(self, x, fn, base, scale):
@@ -89,8 +89,9 @@ class MTPBlock(Block):
     """Depth-1 multi-token prediction: fuses the main model's pre-collapse streams at position t with
     the embedding of token t+1 and predicts token t+2. Shares embed and head with the main model."""
 
-    def __init__(self, cfg: ModelConfig, use_kernels: bool = False, activation_sim: bool = False) -> None:
-        super().__init__(cfg, "window", 0, False, use_kernels, activation_sim)
+    def __init__(self, cfg: ModelConfig, use_kernels: bool = False, activation_sim: bool = False,
+                 expert_shard: tuple[int, int] | None = None) -> None:
+        super().__init__(cfg, "window", 0, False, use_kernels, activation_sim, expert_shard)
         n = cfg.hc_mult
         self.e_proj = Linear(cfg.dim, cfg.dim, use_kernels)
         self.h_proj = Linear(cfg.dim, cfg.dim, use_kernels)
@@ -113,7 +114,7 @@ class MTPBlock(Block):
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: list[int] | None = None, *, use_kernels: bool = False,
-                 activation_sim: bool = False) -> None:
+                 activation_sim: bool = False, expert_shard: tuple[int, int] | None = None) -> None:
         """`layers` builds only a subset of the main layers (real widths on one device).
 
         `use_kernels`: the Triton kernels (fused MoE, sparse attention, indexer top-k, compressor
@@ -121,17 +122,20 @@ class Transformer(nn.Module):
         devices, and on a CPU they run only under TRITON_INTERPRET=1 (tests). `activation_sim`:
         the reference's FP8/FP4 activation-quantization simulation (window and compressed KV,
         indexer queries and keys), which transformers lacks; the fp8 cache layout holds exactly
-        its values. Both are fixed when the model is built."""
+        its values. Both are fixed when the model is built. `expert_shard=(rank, world)`: every
+        MoE holds only that rank's block of routed experts (`moe.expert_range`), for expert
+        parallelism; everything else is replicated."""
         super().__init__()
         self.cfg = cfg
         self.use_kernels = use_kernels
         self.activation_sim = activation_sim
+        self.expert_shard = expert_shard
         n = cfg.hc_mult
         self.layer_ids = list(range(cfg.n_layers)) if layers is None else sorted(layers)
         self.embed = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({
             str(i): Block(cfg, cfg.layer_kind(i), cfg.compress_ratios[i], cfg.is_hash_layer(i), use_kernels,
-                          activation_sim)
+                          activation_sim, expert_shard)
             for i in self.layer_ids
         })
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -139,7 +143,7 @@ class Transformer(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.empty(n, n * cfg.dim))
         self.hc_head_base = nn.Parameter(torch.zeros(n))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
-        self.mtp = nn.ModuleList([MTPBlock(cfg, use_kernels, activation_sim) for _ in range(cfg.n_mtp_layers)])
+        self.mtp = nn.ModuleList([MTPBlock(cfg, use_kernels, activation_sim, expert_shard) for _ in range(cfg.n_mtp_layers)])
 
     @classmethod
     def random(cls, cfg: ModelConfig, seed: int = 0, layers: list[int] | None = None, *,
@@ -171,12 +175,20 @@ class Transformer(nn.Module):
         each tensor's dtype: normal(0, std), norms and mHC scales 1 + normal(0, 0.1), routing tables
         with duplicate-free rows. Each tensor draws from its own generator seeded by (seed, name),
         on the CPU, so a tensor's values depend only on the seed, its name, shape and dtype and the
-        torch version (not on the device, or on which other layers were built)."""
+        torch version (not on the device, or on which other layers were built, or on the expert
+        shard: a sharded expert stack is its rows of the whole stack)."""
+        E = self.cfg.n_routed_experts
         for name, p in self.named_parameters():
             centred = name.endswith(("_base", "attn_sink", ".bias", "ape"))
             around_one = not centred and (name.endswith("_scale") or "norm" in name)
-            _fill_normal(p, name, seed, *((1.0, 0.1) if around_one else (0.0, std)))
-        E = self.cfg.n_routed_experts
+            stats = (1.0, 0.1) if around_one else (0.0, std)
+            if self.expert_shard is not None and ".ffn.experts.w" in name:
+                lo, hi = expert_range(E, self.expert_shard)
+                whole = torch.empty((E, *p.shape[1:]), dtype=p.dtype)
+                _fill_normal(whole, name, seed, *stats)
+                p.copy_(whole[lo:hi])
+            else:
+                _fill_normal(p, name, seed, *stats)
         for name, b in self.named_buffers():
             if name.endswith("tid2eid"):
                 # the first k of a random permutation per row: argsort of uniform keys, one call

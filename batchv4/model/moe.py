@@ -3,7 +3,11 @@ layers, clamped SwiGLU experts stacked per layer, and the shared expert.
 
 Owns: routing and the expert math in three forms — `forward_reference` (a loop over tokens and their
 experts: the oracle), the grouped torch path (tokens sorted by expert), and the fused Triton kernel
-on CUDA devices. Does not own: weight loading or quantized formats (`checkpoint.py`, `quant.py`).
+on CUDA devices — and the expert-shard build (`expert_shard=(rank, world)`: the module holds one
+contiguous block of the routed experts, see `expert_range`, and asks an `ExpertExchange` to bring
+every rank's tokens to the experts that hold them). Does not own: weight loading or quantized
+formats (`checkpoint.py`, `quant.py`), or the exchange itself (`batchv4.engine.distributed`: the
+model never imports torch.distributed).
 """
 
 from __future__ import annotations
@@ -15,6 +19,28 @@ from torch import nn
 from batchv4.config import ModelConfig
 from batchv4.model import quant
 from batchv4.model.layers import Linear
+
+
+def expert_range(n_experts: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """The routed experts rank `r` of `world` holds: [lo, hi), a contiguous block (sizes differ by
+    at most one when `world` does not divide `n_experts`)."""
+    if shard is None:
+        return 0, n_experts
+    r, world = shard
+    if not (world >= 1 and 0 <= r < world):
+        raise ValueError(f"expert_shard {shard}: need 0 <= rank < world")
+    if world > n_experts:
+        raise ValueError(f"expert_shard {shard}: {world} ranks but only {n_experts} routed experts")
+    return n_experts * r // world, n_experts * (r + 1) // world
+
+
+class ExpertExchange:
+    """What a sharded MoE needs from the engine (implemented in `batchv4.engine.distributed`):
+    `routed(moe, x [T, D], weights [T, k] fp32, ids [T, k] global expert ids) -> [T, D] fp32`, the
+    routed experts' sum for this rank's tokens, computed by whichever ranks hold the experts."""
+
+    def routed(self, moe: "MoE", x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class Gate(nn.Module):
@@ -54,9 +80,11 @@ class Experts(nn.Module):
     """Routed experts stacked: w1/w3 [E, I, D] (gate/up), w2 [E, D, I] (down). Float weights, or
     resident FP8 ([E, I, D] e4m3 + block scales) / FP4 (packed uint8 [E, I, D/2] + per-32 scales)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, expert_shard: tuple[int, int] | None = None) -> None:
         super().__init__()
-        E, I, D = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
+        self.lo, self.hi = expert_range(cfg.n_routed_experts, expert_shard)  # global ids held here
+        self.n_routed = cfg.n_routed_experts
+        E, I, D = self.hi - self.lo, cfg.moe_inter_dim, cfg.dim
         self.limit = cfg.swiglu_limit
         self.w1 = nn.Parameter(torch.empty(E, I, D))
         self.w3 = nn.Parameter(torch.empty(E, I, D))
@@ -84,29 +112,32 @@ class Experts(nn.Module):
         return F.linear(h.to(dt), self.expert_weight("w2", e, dt)).float()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Grouped path: x [T, D], weights/ids [T, k] -> [T, D] fp32. Token slots are sorted by
-        expert, each expert runs once over its slots, and the k results per token are gathered back
-        and summed (no scatter-add, which is slow and serial on CPUs)."""
+        """Grouped path: x [T, D], weights/ids [T, k] (local expert ids; -1 = a slot whose expert
+        another rank holds, contributing 0 here) -> [T, D] fp32. Token slots are sorted by expert,
+        each expert runs once over its slots, and the k results per token are gathered back and
+        summed (no scatter-add, which is slow and serial on CPUs)."""
         T, k = ids.shape
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
-        tok = order // k
-        wsorted = weights.reshape(-1)[order]
-        xs = x[tok]                                                              # [T*k, D]
-        if T * k <= self.padded_max_slots and self.w1.dtype == x.dtype and self.w1.is_floating_point() \
+        skip = int((flat < 0).sum()) if self.hi - self.lo < self.n_routed else 0   # -1 slots sort first
+        counts = torch.bincount(flat[order[skip:]], minlength=self.w1.shape[0]).tolist()
+        tok = order[skip:] // k
+        wsorted = weights.reshape(-1)[order[skip:]]
+        xs = x[tok]                                                              # [S, D]
+        ys = torch.zeros(T * k, x.shape[1], dtype=torch.float32, device=x.device)
+        if xs.shape[0] <= self.padded_max_slots and self.w1.dtype == x.dtype and self.w1.is_floating_point() \
                 and self.w1.element_size() > 1:
-            ys = self._padded(xs, wsorted, flat[order], counts)
+            if xs.shape[0]:
+                ys[skip:] = self._padded(xs, wsorted, flat[order[skip:]], counts)
         else:
-            ys = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)
             start = 0
             for e, n in enumerate(counts):
                 if n:
-                    ys[start:start + n] = self.expert(xs[start:start + n], e, wsorted[start:start + n])
+                    ys[skip + start:skip + start + n] = self.expert(xs[start:start + n], e, wsorted[start:start + n])
                     start += n
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return ys[inverse].view(T, k, -1).sum(dim=1)
+        return ys[inverse].view(T, k, x.shape[1]).sum(dim=1)
 
 
     padded_max_slots = 1024   # up to this many token slots (decode steps), one batched matmul per weight
@@ -146,27 +177,50 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, hash_routed: bool, use_kernels: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, hash_routed: bool, use_kernels: bool = False,
+                 expert_shard: tuple[int, int] | None = None) -> None:
         """`use_kernels`: the fused Triton MoE for the routed experts and the FP8 GEMM for a
-        resident FP8 shared expert (CUDA devices; CPU tensors under TRITON_INTERPRET=1)."""
+        resident FP8 shared expert (CUDA devices; CPU tensors under TRITON_INTERPRET=1).
+        `expert_shard=(rank, world)`: hold only this rank's block of routed experts; the forward
+        then needs `exchange` (an `ExpertExchange`) set before it runs."""
         super().__init__()
         self.gate = Gate(cfg, hash_routed)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, expert_shard)
         self.shared_experts = SharedExpert(cfg, use_kernels)
         self.use_kernels = use_kernels
+        self.sharded = expert_shard is not None
+        self.exchange: ExpertExchange | None = None
+        self.layer_key = -1      # set by whoever attaches an exchange: the same key on every rank
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """x [T, D], token_ids [T] -> [T, D] in x.dtype."""
         w, ids = self.gate(x, token_ids)
+        if self.sharded:
+            if self.exchange is None:
+                raise RuntimeError("an expert-sharded MoE runs only with an exchange attached "
+                                   "(batchv4.engine.distributed)")
+            routed = self.exchange.routed(self, x, w, ids)
+        else:
+            routed = self.local_routed(x, w, ids)
+        return (routed + self.shared_experts(x)).to(x.dtype)
+
+    def local_routed(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts this module holds, over x [T, D] with weights/ids [T, k] (global
+        expert ids) -> [T, D] fp32; slots whose expert is held elsewhere contribute 0."""
+        ex = self.experts
+        local = ids - ex.lo
+        if self.sharded:
+            here = (ids >= ex.lo) & (ids < ex.hi)
+            if self.use_kernels:       # the fused kernel takes no "elsewhere" slots: weight 0 instead
+                local, w = torch.where(here, local, 0), torch.where(here, w, 0.0)
+            else:
+                local = torch.where(here, local, -1)
         if self.use_kernels:
             from batchv4.kernels.moe import fused_moe
 
-            ex = self.experts
-            routed = fused_moe(x, ids, w, ex.w1, ex.w3, ex.w2, ex.limit, w1_scale=ex.w1_scale,
-                               w3_scale=ex.w3_scale, w2_scale=ex.w2_scale, use_triton=True).float()
-        else:
-            routed = self.experts(x, w, ids)
-        return (routed + self.shared_experts(x)).to(x.dtype)
+            return fused_moe(x, local, w, ex.w1, ex.w3, ex.w2, ex.limit, w1_scale=ex.w1_scale,
+                             w3_scale=ex.w3_scale, w2_scale=ex.w2_scale, use_triton=True).float()
+        return ex(x, w, local)
 
     def forward_reference(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """The oracle: every token through each of its experts one at a time."""
