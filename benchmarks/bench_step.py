@@ -4,7 +4,8 @@ Run:  python benchmarks/bench_step.py --before /path/to/old/checkout [--repeats 
 
 Each side runs in its own child process with its checkout first on `sys.path` (the old checkout's
 `batchv4` package; the same workloads module, benchmarks/workloads.py of this checkout, for both),
-alternating old and new per workload. In each child: `LLM("tiny", dtype="float32",
+in the order old, new, new, old per workload (each side's figure is the mean of its two children, so
+neither side always runs first). In each child: `LLM("tiny", dtype="float32",
 kv_cache_memory="256MiB")`, a 2-prompt warm-up, then the workload `--repeats` times on the same
 engine (greedy, max_tokens 32, ignore_eos: every row generates exactly 32 tokens), the median wall
 time, and the share of it in the model's forward (`stats()["forward_seconds"]`). Both sides do the
@@ -68,8 +69,13 @@ def main() -> None:
     print("| workload | rows | before s | after s | after / before | forward share before | after |")
     print("|---|---|---|---|---|---|---|")
     for name in bench_engine.loads(small=True):
-        old = child(args.before, name, args.repeats)
-        new = child(new_root, name, args.repeats)
+        # ABBA: old, new, new, old; each side: the mean of its two children
+        a1 = child(args.before, name, args.repeats)
+        b1 = child(new_root, name, args.repeats)
+        b2 = child(new_root, name, args.repeats)
+        a2 = child(args.before, name, args.repeats)
+        old = {k: (a1[k] + a2[k]) / 2 for k in ("seconds", "forward")} | {"rows": a1["rows"]}
+        new = {k: (b1[k] + b2[k]) / 2 for k in ("seconds", "forward")} | {"rows": b1["rows"]}
         print(f"| {name} | {new['rows']} | {old['seconds']:.2f} | {new['seconds']:.2f} | "
               f"{new['seconds'] / old['seconds']:.2f} | {old['forward'] / old['seconds']:.0%} | "
               f"{new['forward'] / new['seconds']:.0%} |", flush=True)

@@ -87,12 +87,11 @@ def base_sampling(opts: RowOptions, openai: bool):
     temperature = opts.temperature
     if temperature is None:
         temperature = OPENAI_TEMPERATURE if openai else PLAIN_TEMPERATURE
+    structured = structured_of(opts)      # its errors name their option already
     try:
         return SamplingParams(n=opts.n, max_tokens=opts.max_tokens, temperature=temperature, top_p=opts.top_p,
-                              seed=opts.seed, stop=list(opts.stop) or None, structured_outputs=structured_of(opts),
+                              seed=opts.seed, stop=list(opts.stop) or None, structured_outputs=structured,
                               max_thinking_tokens=opts.max_thinking_tokens)
-    except UserError:
-        raise
     except ValueError as e:
         raise UserError(f"--{str(e).split()[0].replace('_', '-')}: {str(e).split(' ', 1)[1]}") from None
 

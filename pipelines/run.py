@@ -230,6 +230,9 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool, el
     timings["plan_engine"] = time.perf_counter() - t_engine - timings["account_write"]
     wall = time.perf_counter() - t_start
     result = summary(cfg, fp, writer, counts, timings, wall, llm, card, private, _now())
+    close = getattr(llm, "close", None)     # a rank group stops its rank processes
+    if close is not None:
+        close()
     write_json(cfg.output, "summary.json", result, so)
     if fe.src.format == "openai":
         from batchv4.io.openai_batch import write_openai_batch_output

@@ -101,4 +101,4 @@ def clear(url: str, so) -> None:
     for p in fs.ls(path, detail=False):
         if _PART_FILE.match(p.rstrip("/").rsplit("/", 1)[-1]):
             fs.rm_file(p)
-    remove(url, RUN_FILES[1:], so)
+    remove(url, RUN_FILES[1:] + ("_batchv4_sent.txt",), so)     # and a remote run's send journal

@@ -25,6 +25,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchv4.structured.grammars import compiler_for
@@ -46,7 +47,6 @@ class StructuredProcessor:
         self._states: dict[tuple[str, int], _State] = {}
         self._masks: dict[tuple[str, int], torch.Tensor] = {}
         self._thread: threading.Thread | None = None
-        self._shifts = torch.arange(32, dtype=torch.int32)
         self.mask_seconds = 0.0
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -114,19 +114,23 @@ class StructuredProcessor:
                 masked.append((i, bits))
         if not (masked or forced):
             return logits
-        # a copy: the step's logits rows may also be kept for a snapshot (later restores sample them)
-        logits = logits.clone()
+        # never in place: the step's logits rows may also be kept for a snapshot (restores sample them)
+        V = logits.shape[1]
+        blocked = None
+        if masked:
+            words = torch.stack([b for _, b in masked]).numpy().view(np.uint8)        # [M, 4W] bytes
+            bits = np.unpackbits(words, axis=1, bitorder="little")[:, :V]             # [M, V], 1 = allowed
+            blocked = torch.from_numpy(bits) == 0
+        if not forced and len(masked) == len(rows):          # every row constrained: one pass
+            return logits.masked_fill(blocked, float("-inf"))
+        out = logits.clone()
         for i in forced:
-            logits[i] = float("-inf")
-            logits[i, self.think_end_id] = 0.0
+            out[i] = float("-inf")
+            out[i, self.think_end_id] = 0.0
         if masked:
             idx = torch.tensor([i for i, _ in masked])
-            words = torch.stack([b for _, b in masked])                              # [M, W] int32
-            allowed = ((words.unsqueeze(-1) >> self._shifts) & 1).reshape(len(masked), -1)[:, : logits.shape[1]]
-            sub = logits[idx]
-            sub.masked_fill_(allowed == 0, float("-inf"))
-            logits[idx] = sub
-        return logits
+            out[idx] = logits[idx].masked_fill(blocked, float("-inf"))
+        return out
 
     # ---- the scheduler's side (TokenObserver) ---------------------------------------------------
     def on_token(self, seq: Any, token_id: int) -> None:
