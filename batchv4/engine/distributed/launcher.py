@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from collections import OrderedDict
 from typing import Iterable, Iterator
 
 from batchv4.engine.distributed.group import Group, RankGroupSpec
+from batchv4.engine.distributed.wire import encode
 from batchv4.engine.distributed.worker import build_rank_llm, end_stream, local_step, rank_stats
 from batchv4.engine.llm import LLM, resolve_device
 from batchv4.engine.outputs import RequestOutput
@@ -112,9 +112,9 @@ class RankGroup(LLM):
                              device_type=device.type, timeout_s=timeout_s, llm_kwargs=dict(model=model, **kw),
                              expert_parallel=enable_expert_parallel, threads=torch.get_num_threads(), fault=_fault)
         self._timeout = timeout_s
-        spec_file = os.path.join(self._tmp, "spec.pkl")
+        spec_file = os.path.join(self._tmp, "spec.json")
         with open(spec_file, "wb") as f:
-            pickle.dump(spec, f)
+            f.write(encode(spec))
         try:
             for r in range(1, N):
                 self._procs.append(subprocess.Popen([sys.executable, "-m", "batchv4.engine.distributed.worker",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import sys
 import traceback
 
@@ -101,8 +100,10 @@ def serve(group, llm, exchange, fault: dict | None = None) -> None:
 
 def main(argv: list[str]) -> int:
     spec_file, rank, error_dir = argv[0], int(argv[1]), argv[2]
+    from batchv4.engine.distributed.wire import decode
+
     with open(spec_file, "rb") as f:
-        spec = pickle.load(f)
+        spec = decode(f.read())
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(message)s")
     import torch
 
