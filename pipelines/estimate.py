@@ -130,6 +130,9 @@ def estimate(cfg: EstimateConfig, now: datetime | None = None) -> dict:
                      "split": quote_split(api["expected"], get_card(q.card, private), q.at)}
                     for q in quotes],
         "start": now.isoformat(),
+        # the card's peak state at the start and when its next off-peak time begins (the remote
+        # backend's --when off-peak waits for that instant)
+        "off_peak": _off_peak(card, now),
         "calendar": calendar,
         "prompt_tokens_histogram": hist.to_dict(),
         # computed tokens: what the engine prefills (after its cache hits) and generates
@@ -156,3 +159,12 @@ def _output_range(given: tuple[int, int, int] | None, max_tokens: int) -> tuple[
     if given is None:
         return 1, max_tokens // 2 or 1, max_tokens
     return tuple(min(v, max_tokens) for v in given)  # type: ignore[return-value]
+
+
+def _off_peak(card, now) -> dict | None:
+    from batchv4.accounting.pricing import is_peak, next_off_peak, time_of_day_windows
+
+    if card.model_ref is None or not time_of_day_windows(card):
+        return None
+    peak = is_peak(card, now)
+    return {"peak_now": peak, "next_off_peak_start": next_off_peak(card, now).isoformat() if peak else now.isoformat()}

@@ -120,6 +120,11 @@ def estimate(input_url, output_tokens, start, throughput, throughput_from, as_js
         w = res["cheapest_window"]
         lines.append(f"cheapest window:  {w['start']} .. {w['end']}  {_usd(w['cost_usd'])} (expected; "
                      f"saves {_usd(w['saving_usd'])})")
+    op = res.get("off_peak")
+    if op is not None:
+        lines.append("off-peak now" if not op["peak_now"] else
+                     f"peak now; the next off-peak window opens {op['next_off_peak_start']} "
+                     "(run --backend openai --when off-peak waits for it)")
     s = res["schedule"]
     if s["duration_seconds"] is not None:
         inside = "inside" if s["ends_inside_window"] else "after the end of"

@@ -326,3 +326,15 @@ def test_structured_outputs_in_request_bodies():
     assert body(StructuredOutputsParams(regex="a+"), "vllm")["structured_outputs"] == {"regex": "a+"}
     with pytest.raises(_Fatal, match="regex constraints are not supported by the deepseek API"):
         body(StructuredOutputsParams(regex="a+"), "deepseek")
+
+
+def test_estimate_says_when_the_next_off_peak_window_opens(tmp_path):
+    from batchv4.pipelines.estimate import EstimateConfig, estimate
+
+    write_rows(tmp_path / "in.jsonl", n_docs=1, per_doc=2)
+    # Wednesday 10:30 Beijing (peak): off-peak from 12:00 Beijing = 04:00 UTC; Saturday: off-peak now
+    peak = datetime(2026, 12, 2, 2, 30, tzinfo=timezone.utc)
+    res = estimate(EstimateConfig(input=str(tmp_path / "in.jsonl"), start=peak))
+    assert res["off_peak"] == {"peak_now": True, "next_off_peak_start": "2026-12-02T04:00:00+00:00"}
+    sat = datetime(2026, 12, 5, 2, 30, tzinfo=timezone.utc)
+    assert estimate(EstimateConfig(input=str(tmp_path / "in.jsonl"), start=sat))["off_peak"]["peak_now"] is False
