@@ -53,6 +53,7 @@ RUN_SECTIONS = (
                                            "concurrency", "max_retries", "request_timeout", "rpm", "tpm",
                                            "max_cost_usd", "when")),
     ("Cost", ("price", "prices_file")),
+    ("Executor (--executor ray)", ("executor", "ray_address", "replicas", "cpus_per_replica", "gpus_per_replica")),
 )
 
 # the options that decide which rows run and how they are tokenized: `run` and `estimate` take them
@@ -170,10 +171,20 @@ def row_fields(kw: dict) -> dict:
 @click.option("--when", default="now", type=click.Choice(["now", "off-peak"]),
               help="off-peak: send only in the price card's off-peak hours, waiting for them.")
 @click.option("--quiet", is_flag=True, help="No progress bars or table (error rows are still counted on stderr).")
+@click.option("--executor", default="local", type=click.Choice(["local", "ray"]),
+              help="local: this process; ray: engine replicas as Ray actors, each prefix group on one "
+                   "replica (needs the batchv4[ray] extra).")
+@click.option("--address", "ray_address", default=None,
+              help="Ray cluster to join (e.g. ray://head:10001 or auto).  [default: a local cluster]")
+@click.option("--replicas", default=1, type=int, help="Engine replicas (Ray actors) with --executor ray.")
+@click.option("--cpus-per-replica", default=0.5, type=float,
+              help="CPUs Ray reserves per replica (fractions let --replicas 2 fit 2 cores).")
+@click.option("--gpus-per-replica", default=0.0, type=float,
+              help="GPUs per replica; above 1 a replica is a rank group of that many GPUs.")
 def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, max_num_seqs, device,
         data_parallel_size, enable_expert_parallel, resume,
         part_rows, base_urls, api_key_env, provider, concurrency, max_retries, request_timeout, rpm, tpm,
-        max_cost_usd, when, quiet, **row):
+        max_cost_usd, when, quiet, executor, ray_address, replicas, cpus_per_replica, gpus_per_replica, **row):
     """Generate an output for every row of INPUT (Parquet, JSONL, JSON arrays or OpenAI batch JSONL;
     a file, a folder, a glob or any fsspec URL) into the folder OUTPUT: Parquet parts with per-row
     tokens and cost, errors-*.parquet for rows that cannot run, summary.json."""
@@ -191,8 +202,17 @@ def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, 
                     overwrite=not resume, quiet=quiet, part_rows=part_rows, base_urls=tuple(base_urls),
                     api_key_env=api_key_env, provider=provider, concurrency=concurrency, max_retries=max_retries,
                     request_timeout=request_timeout, rpm=rpm, tpm=tpm, max_cost_usd=max_cost_usd, when=when,
-                    **row_fields(row))
-    summary = run_job(cfg)
+                    executor=executor, ray_address=ray_address, replicas=replicas,
+                    cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, **row_fields(row))
+    if executor == "ray":
+        from batchv4.pipelines.run_config import check_executor
+
+        check_executor(cfg)             # the missing extra is one line, before Ray is imported
+        from batchv4.pipelines.ray_executor import run_ray
+
+        summary = run_ray(cfg)
+    else:
+        summary = run_job(cfg)
     if not quiet:
         from batchv4.pipelines.report_cmd import render
 

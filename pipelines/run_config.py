@@ -44,6 +44,12 @@ class RunConfig(RowOptions):
     tpm: int | None = None
     max_cost_usd: float | None = None
     when: str = "now"
+    # --executor ray (pipelines.ray_executor): engine replicas as Ray actors, prefix-affine
+    executor: str = "local"
+    ray_address: str | None = None
+    replicas: int = 1
+    cpus_per_replica: float = 0.5
+    gpus_per_replica: float = 0.0
 
     def fingerprint(self) -> str:
         """What decides a row's output columns: model, prompt building, thinking, sampling, the
@@ -93,6 +99,7 @@ def check_options(cfg: RunConfig) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+    check_executor(cfg)
     if cfg.max_model_len is not None and cfg.max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {cfg.max_model_len}")
     if cfg.kv_cache_dtype not in ("auto", "fp8"):
@@ -135,6 +142,32 @@ def check_options(cfg: RunConfig) -> None:
         raise UserError(f"--when must be now or off-peak, got {cfg.when!r}")
     if cfg.tokenizer is not None and not os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")):
         raise UserError(f"--tokenizer {cfg.tokenizer}: no tokenizer.json in that folder")
+
+
+def check_executor(cfg: RunConfig) -> None:
+    """The executor options (`--executor ray` needs the `batchv4[ray]` extra; Ray is not imported)."""
+    if cfg.executor == "local":
+        if cfg.replicas != 1 or cfg.ray_address:
+            raise UserError("--replicas and --address need --executor ray")
+        return
+    if cfg.executor != "ray":
+        raise UserError(f"--executor must be local or ray, got {cfg.executor!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UserError("--executor ray needs Ray: pip install 'batchv4[ray]'")
+    if isinstance(cfg.replicas, bool) or not isinstance(cfg.replicas, int) or cfg.replicas < 1:
+        raise UserError(f"--replicas must be an integer >= 1, got {cfg.replicas!r}")
+    if not cfg.cpus_per_replica > 0:
+        raise UserError(f"--cpus-per-replica must be > 0, got {cfg.cpus_per_replica}")
+    if not cfg.gpus_per_replica >= 0:
+        raise UserError(f"--gpus-per-replica must be >= 0, got {cfg.gpus_per_replica}")
+    if cfg.gpus_per_replica > 1 and cfg.gpus_per_replica != int(cfg.gpus_per_replica):
+        raise UserError(f"--gpus-per-replica above 1 must be a whole number, got {cfg.gpus_per_replica}")
+    if cfg.backend != "local":
+        raise UserError("--executor ray runs batchv4's own engine (--backend local)")
+    if cfg.data_parallel_size != 1:
+        raise UserError("with --executor ray a replica's GPUs are --gpus-per-replica, not --data-parallel-size")
 
 
 def api_key(cfg: RunConfig) -> str | None:

@@ -105,13 +105,19 @@ class PartWriter:
         kept: Sequence[pa.Field] = (),
         meta: Mapping[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
+        part_prefix: str = "",
+        list_parts: bool = True,
     ) -> None:
+        """`part_prefix` goes between `part-`/`errors-` and the number (names no other writer of
+        the folder uses: a Ray replica's attempt). `list_parts=False`: this writer never reads or
+        writes the manifest; whoever reads `manifest[kind]` entries lists them (`adopt`)."""
         self.out_url = out_url
         self.schema = output_schema(kept)
+        self.part_prefix, self.list_parts = part_prefix, list_parts
         self._fs, self._path = get_fs(out_url, storage_options)
         if is_local(self._fs):
             self._fs.makedirs(self._path, exist_ok=True)
-        existing = read_manifest(out_url, storage_options)
+        existing = read_manifest(out_url, storage_options) if list_parts else None
         self.manifest = existing if existing is not None else _empty_manifest(meta)
         self._unlisted = 0                  # parts written since the manifest was last written
         if existing is not None and meta:
@@ -145,7 +151,7 @@ class PartWriter:
     def _write(self, kind: str, table: pa.Table) -> str | None:
         if table.num_rows == 0:
             return None
-        name = f"{_PREFIX[kind]}-{self._next[kind]:05d}.parquet"
+        name = f"{_PREFIX[kind]}-{self.part_prefix}{self._next[kind]:05d}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
@@ -155,12 +161,17 @@ class PartWriter:
             raise OSError(f"cannot write {redact_url(self.out_url)}/{name}: {first_line(e)}") from e
         entry = {"file": name, **_entry_stats(table, len(data))}
         # Only now, with the part complete under its final name, may the manifest list it.
-        self.manifest[kind].append(entry)
         self._next[kind] += 1
+        self.adopt(kind, entry)
+        return name
+
+    def adopt(self, kind: str, entry: dict[str, Any]) -> None:
+        """List a complete part of `kind` ("parts" or "error_parts"), written by this writer or by
+        another one into the same folder (`entry` is that writer's `manifest[kind]` entry)."""
+        self.manifest[kind].append(entry)
         self._unlisted += 1
         if self._unlisted * MANIFEST_EVERY >= len(self.manifest["parts"]) + len(self.manifest["error_parts"]):
             self._write_manifest()
-        return name
 
     def drop_rows(self, kind: str, key_columns: Sequence[str], drop: Callable[[tuple], bool]) -> int:
         """Remove from the listed parts of `kind` ("parts" or "error_parts") every row whose
@@ -200,6 +211,8 @@ class PartWriter:
 
     def _write_manifest(self) -> None:
         self._unlisted = 0
+        if not self.list_parts:
+            return
         self.manifest["rows"] = self.rows_written
         self.manifest["error_rows"] = self.error_rows_written
         self.manifest["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,166 @@
+"""`--executor ray` on a local Ray cluster (one per module, 2 CPUs) with the tiny model: the same
+rows as a local run, every prefix group on one replica, the same prefill, a killed replica retried
+without a row lost or duplicated, and a killed job that finishes when run again."""
+
+import json
+import logging
+import os
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from batchv4.io.writers import read_errors, read_manifest, read_output_parts  # noqa: E402
+from batchv4.pipelines.run import RunConfig, run  # noqa: E402
+
+DOCS = ["The Rhine rises in the Swiss Alps, flows through Lake Constance and reaches the North Sea in the "
+        "Netherlands; its basin is home to about sixty million people. ",
+        "Honeybees communicate the direction and distance of flowers with a waggle dance performed on the "
+        "vertical comb inside the dark hive. ",
+        "The Antikythera mechanism is an ancient Greek hand-powered orrery used to predict astronomical "
+        "positions and eclipses decades in advance. "]
+QUESTIONS = ["Summarize it.", "Give a title.", "List three facts.", "Who would care?"]
+# outputs and usage; not times, nor what depends on how rows are cut into parts (amortized cost)
+SAME = ["output", "finish_reason", "prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens",
+        "completion_tokens", "api_cache_hit_tokens", "cost_usd", "content_hash"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             object_store_memory=200 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("in")
+    lines = [json.dumps({"id": f"d{i}q{j}", "prompt": doc + q}) for i, doc in enumerate(DOCS)
+             for j, q in enumerate(QUESTIONS)]
+    lines.insert(5, "{not json")                     # a bad line: an error row, in both executors
+    path = d / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def config(src, out, **kw):
+    base = dict(input=src, output=str(out), model="tiny", device="cpu", max_tokens=5, kv_cache_memory="64MiB",
+                quiet=True)
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def local(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "out"
+    summary = run(config(data, out))
+    return summary, rows_of(out), errors_of(out)
+
+
+def rows_of(out):
+    t = read_output_parts(str(out)).to_pylist()
+    return {(r["id"], r["sample_index"]): r for r in t}
+
+
+def errors_of(out):
+    return sorted((r["row_index"], r["error"], r["raw"]) for r in read_errors(str(out)).to_pylist())
+
+
+def assert_same_rows(out, local, same=SAME):
+    t = read_output_parts(str(out)).to_pylist()
+    keys = [(r["id"], r["sample_index"]) for r in t]
+    assert len(keys) == len(set(keys)), "a row was written twice"
+    got = {k: r for k, r in zip(keys, t)}
+    assert got.keys() == local[1].keys()
+    for k, r in local[1].items():
+        assert {c: got[k][c] for c in same} == {c: r[c] for c in same}, k
+    assert errors_of(out) == local[2]
+
+
+def test_two_replicas_give_the_local_rows_prefill_and_groups(cluster, data, local, tmp_path):
+    from batchv4.pipelines.ray_executor import run_ray
+
+    out = tmp_path / "ray"
+    summary = run_ray(config(data, out, executor="ray", replicas=2))
+    assert_same_rows(out, local)
+    for c in ("amortized",):            # one part per replica chunk here, as locally: the same too
+        assert {k: r[f"cost_usd_{c}"] for k, r in rows_of(out).items()} == \
+            {k: r[f"cost_usd_{c}"] for k, r in local[1].items()}
+    assert summary["this_run"]["prefill_tokens_computed"] == local[0]["this_run"]["prefill_tokens_computed"]
+    assert summary["counts"]["output_rows"] == 12 and summary["counts"]["error_rows"] == 1
+    # every prefix group ran on one replica, and both replicas ran some
+    manifest = read_manifest(str(out))
+    where: dict[int, set] = {}
+    for e in manifest["parts"]:
+        for g in e["groups"]:
+            where.setdefault(g, set()).add(e["replica"])
+    assert len(where) == len(DOCS) and all(len(v) == 1 for v in where.values())
+    assert {e["replica"] for e in manifest["parts"]} == {0, 1}
+    assert set(summary["this_run"]["replicas"]) == {"0", "1"}
+    # the same folder run again: nothing left to do
+    again = run_ray(config(data, out, executor="ray", replicas=2))
+    assert again["counts"]["skipped_done"] == 13 and again["counts"]["new_output_rows"] == 0
+    assert_same_rows(out, local)
+
+
+def slow_engine(seconds=0.3):
+    """An llm_factory whose engine waits after each finished row, so a kill lands mid-chunk
+    (defined in a function: Ray's cloudpickle then ships it by value to the actors)."""
+    def factory(cfg):
+        import time
+
+        from batchv4.pipelines.run import _default_llm
+
+        class Slow:
+            def __init__(self, llm):
+                self.llm = llm
+
+            def generate_stream(self, requests):
+                for out in self.llm.generate_stream(requests):
+                    time.sleep(seconds)
+                    yield out
+
+            def stats(self):
+                return self.llm.stats()
+
+        return Slow(_default_llm(cfg))
+    return factory
+
+
+def test_a_killed_replica_is_retried_without_losing_or_repeating_a_row(cluster, data, local, tmp_path):
+    from batchv4.pipelines.ray_executor import run_ray
+
+    killed = []
+
+    def kill_once(r, actor, ev):
+        if r == 0 and not killed:
+            killed.append(ev["entry"]["file"])   # the actor is busy: a call to it would wait
+            ray.kill(actor, no_restart=False)       # Ray restarts it; its chunk's unlisted rows are redone
+
+    out = tmp_path / "ray"
+    summary = run_ray(config(data, out, executor="ray", replicas=2, part_rows=1), slow_engine(), on_event=kill_once)
+    assert killed and summary["counts"]["replica_retries"] >= 1
+    # a redone row whose group's first rows were listed before the kill computed the shared prefix
+    # again: its engine hits are its own; all else (outputs, API hits, cost) is the local run's
+    assert_same_rows(out, local, [c for c in SAME if not c.startswith("prompt_cache_")])
+    assert summary["counts"]["output_rows"] == 12
+
+
+def test_a_killed_job_run_again_finishes_as_an_uninterrupted_one(cluster, data, local, tmp_path):
+    from batchv4.pipelines.ray_executor import run_ray
+
+    seen = []
+
+    def die(r, actor, ev):
+        seen.append(ev)
+        if len(seen) == 3:
+            raise KeyboardInterrupt         # the driver stops, as on Ctrl-C; actors go with it
+
+    out = tmp_path / "ray"
+    with pytest.raises(KeyboardInterrupt):
+        run_ray(config(data, out, executor="ray", replicas=2, part_rows=1), slow_engine(), on_event=die)
+    listed = read_manifest(str(out))["rows"]
+    assert 3 <= listed < 12
+    summary = run_ray(config(data, out, executor="ray", replicas=2, part_rows=1))
+    assert summary["counts"]["skipped_done"] >= listed
+    assert_same_rows(out, local, [c for c in SAME if not c.startswith("prompt_cache_")])
