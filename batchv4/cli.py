@@ -21,6 +21,7 @@ COMMANDS = {
     "model-info": "batchv4.pipelines.model_info:model_info",
     "serve": "batchv4.serve.cmd:serve",
     "generate": "batchv4.pipelines.generate_cmd:generate",
+    "summarize": "batchv4.pipelines.summarize_cmd:summarize",
 }
 
 
