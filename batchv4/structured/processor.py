@@ -48,6 +48,7 @@ class StructuredProcessor:
         self._masks: dict[tuple[str, int], torch.Tensor] = {}
         self._thread: threading.Thread | None = None
         self.mask_seconds = 0.0
+        self._neg_inf = torch.tensor(float("-inf"))
 
     # ---- helpers --------------------------------------------------------------------------------
     @staticmethod
@@ -116,20 +117,20 @@ class StructuredProcessor:
             return logits
         # never in place: the step's logits rows may also be kept for a snapshot (restores sample them)
         V = logits.shape[1]
-        blocked = None
+        allowed = None
         if masked:
             words = torch.stack([b for _, b in masked]).numpy().view(np.uint8)        # [M, 4W] bytes
             bits = np.unpackbits(words, axis=1, bitorder="little")[:, :V]             # [M, V], 1 = allowed
-            blocked = torch.from_numpy(bits) == 0
+            allowed = torch.from_numpy(bits).view(torch.bool)                          # no copy
         if not forced and len(masked) == len(rows):          # every row constrained: one pass
-            return logits.masked_fill(blocked, float("-inf"))
+            return torch.where(allowed, logits, self._neg_inf)
         out = logits.clone()
         for i in forced:
             out[i] = float("-inf")
             out[i, self.think_end_id] = 0.0
         if masked:
             idx = torch.tensor([i for i, _ in masked])
-            out[idx] = logits[idx].masked_fill(blocked, float("-inf"))
+            out[idx] = torch.where(allowed, logits[idx], self._neg_inf)
         return out
 
     # ---- the scheduler's side (TokenObserver) ---------------------------------------------------
