@@ -32,7 +32,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from batchv4.errors import UserError
+from batchv4.io.writers import write_table
 from batchv4.pipelines.run_config import RunConfig
+from batchv4.pipelines.run_output import write_json
 
 _PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9][A-Za-z0-9_.:+-]*$")
 
@@ -83,7 +85,7 @@ def generate(cfg: GenerateConfig) -> dict:
     state["nights"][part] = night
     state["fingerprint"] = summary["fingerprint"]
     state["config"] = summary["config"]
-    _write_json(os.path.join(out, "_generate.json"), state)
+    write_json(out, "_generate.json", state)
     _write_card(out, state, kept)
     return {"night": night, "run": summary}
 
@@ -174,13 +176,13 @@ def _write_night(out: str, part: str, kept: list[dict], dropped: list[dict], sig
     folder = os.path.join(out, part)
     os.makedirs(folder, exist_ok=True)
     schema = _schema_of(kept) or OUTPUT_SCHEMA
-    _write_parquet(os.path.join(folder, "part-00000.parquet"), pa.Table.from_pylist(kept, schema=schema))
+    write_table(os.path.join(folder, "part-00000.parquet"), pa.Table.from_pylist(kept, schema=schema))
     for old in glob.glob(os.path.join(folder, "*")):
         if os.path.basename(old) != "part-00000.parquet":
             os.remove(old)
     for sub, rows in (("_dropped", dropped), ("_signatures", sigs)):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-        _write_parquet(os.path.join(out, sub, f"{part}.parquet"), pa.Table.from_pylist(rows) if rows else
+        write_table(os.path.join(out, sub, f"{part}.parquet"), pa.Table.from_pylist(rows) if rows else
                        pa.table({"id": pa.array([], pa.string())}))
 
 
@@ -196,19 +198,6 @@ def _schema_of(rows: list[dict]):
     return pa.schema(fields)
 
 
-def _write_parquet(path: str, table) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def _write_card(out: str, state: dict, kept: list[dict]) -> None:
@@ -233,3 +222,4 @@ def _write_card(out: str, state: dict, kept: list[dict]) -> None:
     lines += [f"- `{f.name}`: {f.type}" for f in schema]
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+

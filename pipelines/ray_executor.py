@@ -328,22 +328,15 @@ def run_ray(cfg, llm_factory: Callable | None = None, *, on_event: Callable | No
     with `this_run.replicas` (engine counters per replica). `llm_factory(cfg)` builds each
     replica's engine; `on_event(replica, actor, event)` is called in the driver after each listed
     part (tests kill actors from it)."""
-    from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.io.outdir import claim_output
     from batchv4.io.writers import PartWriter, check_writable
-    from batchv4.pipelines.frontend import Frontend, options_of
-    from batchv4.pipelines.run_config import check_options
+    from batchv4.pipelines.run import prepare
     from batchv4.pipelines.run_resume import take_over
     from batchv4.pipelines.run_state import RunState
 
     ray = import_ray()
-    check_options(cfg)
+    cfg, fp, fe, card, private = prepare(cfg)
     so = cfg.storage_options or None
-    private = load_price_file(cfg.prices_file) if cfg.prices_file else {}
-    card = get_card(cfg.price, private)
-    fe = Frontend(options_of(cfg), exclude=[cfg.output])
-    cfg = replace(cfg, **fe.resolved())
-    fp = cfg.fingerprint()
     with claim_output(cfg.output, fingerprint=fp, storage_options=so) as claim, RunState(fe.kept) as state:
         check_writable(cfg.output, so)
         take_over(cfg, fp, claim, state)

@@ -67,20 +67,13 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None, *
     `build_beside_reading`; never when there is nothing to generate. `skip_done_in(fingerprint)`
     names content hashes done elsewhere under the same configuration (`generate`: earlier
     nights); those rows are skipped and counted as `skipped_elsewhere`."""
-    from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.io.outdir import claim_output
     from batchv4.io.writers import PartWriter, check_writable
-    from batchv4.pipelines.frontend import Frontend, options_of
     from batchv4.pipelines.run_resume import take_over
     from batchv4.pipelines.run_state import RunState
 
-    check_options(cfg)
+    cfg, fp, fe, card, private = prepare(cfg)
     so = cfg.storage_options or None
-    private = load_price_file(cfg.prices_file) if cfg.prices_file else {}
-    card = get_card(cfg.price, private)
-    fe = Frontend(options_of(cfg), exclude=[cfg.output])
-    cfg = replace(cfg, **fe.resolved())
-    fp = cfg.fingerprint()
     with claim_output(cfg.output, fingerprint=fp, storage_options=so) as claim, RunState(fe.kept) as state:
         check_writable(cfg.output, so)
         take_over(cfg, fp, claim, state)
@@ -98,6 +91,21 @@ def run(cfg: RunConfig, llm_factory: Callable[[RunConfig], Any] | None = None, *
                 except Exception as e:      # the first error is the one to report
                     log.warning("could not update the manifest after an error: %s", e)
             raise
+
+
+def prepare(cfg: RunConfig):
+    """The head of a job that any executor runs first (local, Ray): the options checked, the price
+    card, the row front-end opened, and the configuration with what was detected and its
+    fingerprint. Returns (cfg, fingerprint, frontend, card, private cards)."""
+    from batchv4.accounting.cards import get_card, load_price_file
+    from batchv4.pipelines.frontend import Frontend, options_of
+
+    check_options(cfg)
+    private = load_price_file(cfg.prices_file) if cfg.prices_file else {}
+    card = get_card(cfg.price, private)
+    fe = Frontend(options_of(cfg), exclude=[cfg.output])
+    cfg = replace(cfg, **fe.resolved())
+    return cfg, cfg.fingerprint(), fe, card, private
 
 
 class _Build:

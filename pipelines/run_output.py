@@ -189,7 +189,7 @@ def _backend_figures(cfg, llm) -> dict[str, Any]:
     return {"backend": cfg.backend, "stopped_by_spend_cap": bool(st.get("stopped_by_spend_cap")), "remote": st}
 
 
-def write_json(out_url: str, name: str, obj: dict, so) -> None:
+def write_json(out_url: str, name: str, obj: dict, so=None) -> None:
     from batchv4.io.urls import get_fs, join, write_atomic
 
     fs, path = get_fs(out_url, so)

@@ -168,25 +168,26 @@ def truncate(tok, text: str, max_tokens: int) -> str:
     return text[:offsets[max_tokens - 1][1]]
 
 
-def merge_groups(layout: Layout, texts: list[str], header: str) -> list[list[int]]:
-    """Consecutive groups of `texts` (indexes) whose merge prompt fits with room for a summary,
-    each of two or more items where the budget allows (texts are at most half the budget, see
-    `item_cap`); a group of one is passed up unmerged by the caller."""
-    lens = [len(layout.tok.encode(t)) + 2 for t in texts]
-    budget = layout.budget(header)
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    used = 0
+def pack_by_length(lens: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of indexes whose lengths sum to at most `budget` (an item longer than
+    the budget is a group alone)."""
+    groups, cur, used = [], [], 0
     for i, n in enumerate(lens):
         if cur and used + n > budget:
             groups.append(cur)
             cur, used = [], 0
         cur.append(i)
         used += n
-    if cur:
-        groups.append(cur)
+    return groups + ([cur] if cur else [])
+
+
+def merge_groups(layout: Layout, texts: list[str], header: str) -> list[list[int]]:
+    """Consecutive groups of `texts` (indexes) whose merge prompt fits with room for a summary,
+    each of two or more items where the budget allows (texts are at most half the budget, see
+    `item_cap`); a group of one is passed up unmerged by the caller."""
+    lens = [len(layout.tok.encode(t)) + 2 for t in texts]
     out: list[list[int]] = []
-    for g in groups:            # exact check; split a group whose prompt is too long after all
+    for g in pack_by_length(lens, layout.budget(header)):            # exact check; split a group whose prompt is too long after all
         while len(g) > 1 and not layout.fits(layout.prompt_len(join_summaries(header, [texts[i] for i in g]))):
             out.append(g[:len(g) // 2])
             g = g[len(g) // 2:]

@@ -21,15 +21,7 @@ from batchv4.pipelines import summarize_chunks as sc
 
 
 def _groups(layout, lens: list[int], header: str) -> list[list[int]]:
-    budget = layout.budget(header)
-    groups, cur, used = [], [], 0
-    for i, n in enumerate(lens):
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    return groups + ([cur] if cur else [])
+    return sc.pack_by_length(lens, layout.budget(header))
 
 
 def _tree(layout, n: int, s: int, header: str) -> tuple[int, int, list[int]]:

@@ -11,8 +11,10 @@ or prices (each row's `cost_usd` is the one its round's `run` priced).
 
 from __future__ import annotations
 
-import json
 import os
+
+from batchv4.io.writers import write_table
+from batchv4.pipelines.run_output import write_json
 
 USAGE = ("prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "api_cache_hit_tokens",
          "completion_tokens", "reasoning_tokens")
@@ -64,13 +66,13 @@ def write_all(out: str, cfg, doc_rows: list[dict], nodes: list[dict], corpus: di
                               ("char_end", pa.int64()), ("token_start", pa.int64()), ("token_end", pa.int64()),
                               ("summary", pa.string()), *[(k, pa.int64()) for k in USAGE],
                               ("cost_usd", pa.float64()), ("finish_reason", pa.string()), ("error", pa.string())])
-    _parquet(os.path.join(out, "documents.parquet"), pa.Table.from_pylist(doc_rows, schema=doc_schema))
-    _parquet(os.path.join(out, "chunks.parquet"), pa.Table.from_pylist(chunk_rows, schema=chunk_schema))
+    write_table(os.path.join(out, "documents.parquet"), pa.Table.from_pylist(doc_rows, schema=doc_schema))
+    write_table(os.path.join(out, "chunks.parquet"), pa.Table.from_pylist(chunk_rows, schema=chunk_schema))
     corpus_nodes = []
     if corpus is not None:
         corpus_nodes = [{k: n.get(k) for k in CHUNK_COLUMNS if not k.startswith(("char_", "token_"))}
                         | {"children": n["children"]} for n in corpus["nodes"]]
-        _json(os.path.join(out, "corpus.json"), {**corpus, "nodes": corpus_nodes,
+        write_json(out, "corpus.json", {**corpus, "nodes": corpus_nodes,
                                                  **{k: sum(n[k] for n in corpus["nodes"]) for k in USAGE},
                                                  "cost_usd": _cost(corpus["nodes"])})
     every = chunk_rows + corpus_nodes
@@ -100,7 +102,7 @@ def write_all(out: str, cfg, doc_rows: list[dict], nodes: list[dict], corpus: di
         "this_run": {k: sum(r[k] for r in rounds) for k in ("prefill_tokens_computed", "cached_prompt_tokens",
                                                              "decode_tokens", "new_output_rows", "wall_seconds")},
     }
-    _json(os.path.join(out, "summary.json"), summary)
+    write_json(out, "summary.json", summary)
     return summary
 
 
@@ -114,16 +116,4 @@ def _instruction_prefix(layout) -> int:
     return n
 
 
-def _parquet(path: str, table) -> None:
-    import pyarrow.parquet as pq
 
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _json(path: str, obj: dict) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)

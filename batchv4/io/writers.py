@@ -54,6 +54,16 @@ _PART_RE = {"parts": re.compile(r"^part-(\d{5,})\.parquet$"), "error_parts": re.
 _PREFIX = {"parts": "part", "error_parts": "errors"}
 
 
+def write_table(url: str, table: pa.Table, storage_options: dict[str, Any] | None = None) -> int:
+    """One Parquet file at `url`, written atomically (`write_atomic`); returns its size in bytes.
+    For tables beside the parts (generate's dataset, summarize's documents and chunks)."""
+    fs, path = get_fs(url, storage_options)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_atomic(fs, path, buf.getvalue())
+    return len(buf.getvalue())
+
+
 def check_writable(out_url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Create the output folder and write+delete a probe file; OSError (one line) if that fails."""
     try:

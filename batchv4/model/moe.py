@@ -12,6 +12,8 @@ model never imports torch.distributed).
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,13 +36,14 @@ def expert_range(n_experts: int, shard: tuple[int, int] | None) -> tuple[int, in
     return n_experts * r // world, n_experts * (r + 1) // world
 
 
-class ExpertExchange:
-    """What a sharded MoE needs from the engine (implemented in `batchv4.engine.distributed`):
-    `routed(moe, x [T, D], weights [T, k] fp32, ids [T, k] global expert ids) -> [T, D] fp32`, the
-    routed experts' sum for this rank's tokens, computed by whichever ranks hold the experts."""
+@runtime_checkable
+class ExpertExchange(Protocol):
+    """What a sharded MoE needs from the engine (implemented by `batchv4.engine.distributed`'s
+    `AllToAllExchange`): `routed(moe, x [T, D], weights [T, k] fp32, ids [T, k] global expert ids)
+    -> [T, D] fp32`, the routed experts' sum for this rank's tokens, computed by whichever ranks
+    hold the experts."""
 
-    def routed(self, moe: "MoE", x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def routed(self, moe: "MoE", x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
 
 
 class Gate(nn.Module):
