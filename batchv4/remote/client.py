@@ -386,6 +386,12 @@ class _Run:
                     continue
                 self.window.take(item.tokens)
                 self._send(item)
+        if not self.stopped:
+            # every accepted request ends in an output: one that never came back is an error row
+            for rid, p in list(self.requests.items()):
+                del self.requests[rid]
+                self.out.put(("output", RequestOutput.error(rid, p.req.prompt_token_ids,
+                                                            p.error or "the request was not answered", n=p.req.params.n)))
 
     async def _wait(self, timeout: float | None = None) -> None:
         self.wake.clear()
@@ -496,6 +502,10 @@ class _Run:
                     if e.wait is not None:
                         self.pause_until = max(self.pause_until, time.monotonic() + e.wait)
                     await asyncio.sleep(delay)
+                except Exception as e:      # an unexpected reply or a bug: the row fails with it, never vanishes
+                    last = f"unexpected error: {type(e).__name__}: {e}"
+                    log.warning("request %s: %s", item.req.request_id, b.scrub(last))
+                    break
         finally:
             self.inflight -= 1
             self.wake.set()
@@ -517,6 +527,8 @@ class _Run:
             raise _Retryable(f"timed out ({type(e).__name__})") from None
         except httpx.TransportError as e:
             raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
+        except httpx.HTTPError as e:        # any other failure of the exchange (a body cut mid-stream, ...)
+            raise _Retryable(f"{type(e).__name__}: {e}") from None
         st = b._stats["http_status"]
         st[resp.status_code] = st.get(resp.status_code, 0) + 1
         if resp.status_code != 200:

@@ -172,7 +172,9 @@ def test_kill_during_level_2_then_rerun_recomputes_nothing_done_and_equals_the_r
     p.wait()
     done = _listed(level2)
     want2 = next(r["rows"] for r in job["summary"]["rounds"] if r["round"] == "level-2")
-    assert 1 <= done < want2 and not os.path.exists(os.path.join(out, "documents.parquet"))
+    # level 2's rows can finish in one engine step, so the kill may land after all of them were
+    # listed (before level 3 or the tables): the job is killed inside level 2 or right after it
+    assert 1 <= done <= want2 and not os.path.exists(os.path.join(out, "documents.parquet"))
     p = _cli(job["corpus"], out)
     _, err = p.communicate(timeout=240)
     assert p.returncode == 0, err.decode()[-2000:]
