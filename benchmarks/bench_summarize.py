@@ -61,7 +61,7 @@ def child(n: int) -> None:
 
 def memory() -> None:
     rows = []
-    for n in (16384, 131072):
+    for n in (16384, 32768, 65536, 131072):
         env = {**os.environ, "OMP_NUM_THREADS": "2"}
         p = subprocess.run([sys.executable, __file__, "child", str(n)], capture_output=True, text=True, env=env)
         if p.returncode != 0:
@@ -69,7 +69,10 @@ def memory() -> None:
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
     for r in rows:
         print(json.dumps(r))
-    a, b = rows
+    for r in rows:
+        print(f"{r['tokens']:>7,} tokens: {r['wall_seconds']:.1f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "
+              f"cache {r['cache_bytes'] / 2**20:.1f} MiB, peak RSS minus cache {r['peak_rss_minus_cache'] / 2**20:.0f} MiB")
+    a, b = rows[0], rows[-1]
     print(f"peak RSS minus cache: {a['peak_rss_minus_cache'] / 2**20:.0f} MiB vs "
           f"{b['peak_rss_minus_cache'] / 2**20:.0f} MiB")
     print(f"peak RSS: {a['peak_rss'] / 2**20:.0f} MiB at {a['tokens']:,} tokens, {b['peak_rss'] / 2**20:.0f} MiB at "

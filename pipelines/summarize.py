@@ -4,7 +4,9 @@ A document whose prompt (the instructions, then its text) fits the context with 
 is summarized in one pass. A longer one is cut into chunks (`summarize_chunks`); each chunk is
 summarized (map), then the summaries are merged in groups that fit, level by level, until one
 remains (hierarchical), or with `strategy="incremental"` a running summary is rewritten chunk by
-chunk. `corpus_summary` then merges the document summaries into one, hierarchically.
+chunk. `corpus_summary` then merges the document summaries into one the same way: in groups,
+level by level, or as a running summary rewritten with the next documents' summaries (as many as
+fit each step).
 
 Each round of work is one ordinary durable `run` over a JSONL input that this module writes (one
 row per chunk or merge, `id` = the chunk id, `messages` = [system: the instructions, user: the
@@ -308,9 +310,46 @@ def _levels(cfg, layout, out, docs, bad, first, later, R: _Rounds) -> dict:
 
 
 def _corpus(cfg, layout, R: _Rounds, tops: list[dict]) -> dict:
-    """The corpus tree: document summaries merged hierarchically (its nodes are kept apart from
-    the documents' in corpus.json)."""
+    """The corpus tree: document summaries merged by the job's strategy (its nodes are kept apart
+    from the documents' in corpus.json)."""
     start = set(R.nodes)
+    if cfg.strategy == "incremental":
+        top, k = _corpus_running(cfg, layout, R, tops)
+    else:
+        top, k = _corpus_levels(layout, R, tops, start)
+    nodes = [R.nodes.pop(c) for c in list(R.nodes) if c not in start]
+    return {"summary": top.get("summary") if top else None, "levels": k, "documents": len(tops),
+            "nodes": nodes, "error": next((n["error"] for n in nodes if n.get("error")), None)}
+
+
+def _corpus_running(cfg, layout, R: _Rounds, tops: list[dict]) -> tuple[dict | None, int]:
+    """A running corpus summary: step 1 merges the first documents' summaries that fit, each later
+    step rewrites the summary so far with the next ones; step k is round corpus-k, the parent of
+    step k-1 and of the documents it read."""
+    running, k, i = None, 0, 0
+    while i < len(tops) and not (running is None and len(tops) == 1):
+        k += 1
+        if running is None:
+            header = sc.CORPUS_HEADER
+        else:
+            header = sc.corpus_running_header(sc.truncate(layout.tok, running["summary"], cfg.max_summary_tokens))
+        cap = sc.item_cap(layout, header)
+        texts = [sc.truncate(layout.tok, t["summary"], cap) for t in tops[i:]]
+        group = sc.merge_groups(layout, texts, header)[0]
+        kids = ([running] if running is not None else []) + [tops[i + j] for j in group]
+        node = _node(None, f"corpus#{k}.0", k, f"corpus-{k}", (None, None, None, None),
+                     sc.join_summaries(header, [texts[j] for j in group]), [c["chunk_id"] for c in kids])
+        for c in kids:
+            if c is running:
+                c["parent_id"] = node["chunk_id"]
+        R.go(f"corpus-{k}", [node])
+        running, i = node, i + len(group)
+        if R.failed(node):
+            break
+    return (running if running is not None else (tops[0] if tops else None)), k
+
+
+def _corpus_levels(layout, R: _Rounds, tops: list[dict], start: set) -> tuple[dict | None, int]:
     frontier = [dict(t, level=0) for t in tops]
     k = 0
     while len(frontier) > 1:
@@ -325,10 +364,7 @@ def _corpus(cfg, layout, R: _Rounds, tops: list[dict]) -> dict:
         R.go(f"corpus-{k}", made)
         if any(R.failed(m) for m in made):
             break
-    nodes = [R.nodes.pop(c) for c in list(R.nodes) if c not in start]
-    top = frontier[0] if frontier else None
-    return {"summary": top.get("summary") if top else None, "levels": k, "documents": len(tops),
-            "nodes": nodes, "error": next((n["error"] for n in nodes if n.get("error")), None)}
+    return (frontier[0] if frontier else None), k
 
 
 def _write(path: str, data: bytes) -> None:

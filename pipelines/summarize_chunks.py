@@ -34,6 +34,8 @@ CORPUS_HEADER = ("Summaries of the documents of one corpus follow. Merge them in
                  "corpus.\n\n")
 RUNNING_HEADER = ("The summary so far of a document follows, then its next part. Rewrite the summary so "
                   "that it covers both.\n\n")
+CORPUS_RUNNING_HEADER = ("The summary so far of a corpus follows, then summaries of its next documents. Rewrite "
+                         "the summary so that it covers them all.\n\n")
 SEPARATOR = "\n\n"
 RUNNING_MID = "\n\nNext part:\n\n"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")   # a folder of these: one document per file
@@ -50,6 +52,11 @@ def join_summaries(header: str, texts: list[str]) -> str:
 
 def running_text(summary: str, chunk: str) -> str:
     return RUNNING_HEADER + "Summary so far:\n\n" + summary + RUNNING_MID + chunk
+
+
+def corpus_running_header(summary: str) -> str:
+    """The head of a running corpus step; the next documents' summaries follow it."""
+    return CORPUS_RUNNING_HEADER + "Summary so far:\n\n" + summary + "\n\nNext documents:\n\n"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,23 @@ def _tree(layout, n: int, s: int, header: str) -> tuple[int, int, list[int]]:
     return levels, merges, prompts
 
 
+def _chain(layout, n: int, s: int) -> list[int]:
+    """Expected prompt tokens of each step of a running corpus summary over n summaries: the first
+    step packs what fits after the corpus header; each later one the summary so far (s tokens) and
+    what fits beside it."""
+    prompts: list[int] = []
+    i = 0
+    while n > 1 and i < n:
+        header = sc.CORPUS_HEADER if not prompts else sc.corpus_running_header("")
+        held = s + 2 if prompts else 0
+        budget = layout.budget(header) - held
+        item = min(s, max(1, budget // 2 - 2)) + 2
+        g = max(1, min(n - i, budget // item))
+        prompts.append(layout.prompt_len(header) + held + g * item)
+        i += g
+    return prompts
+
+
 def estimate_summarize(cfg, now: datetime | None = None) -> dict:
     from batchv4.accounting.cards import get_card, load_price_file
     from batchv4.accounting.summary import Totals, price_totals
@@ -85,7 +102,11 @@ def estimate_summarize(cfg, now: datetime | None = None) -> dict:
             levels[did] = 1 + lv
             merge_prompts += prompts
     corpus_merges = 0
-    if cfg.corpus_summary:
+    if cfg.corpus_summary and cfg.strategy == "incremental":
+        prompts = _chain(layout, len(docs), s)
+        corpus_merges = len(prompts)
+        merge_prompts += prompts
+    elif cfg.corpus_summary:
         _, corpus_merges, prompts = _tree(layout, len(docs), s, sc.CORPUS_HEADER)
         merge_prompts += prompts
     unit = PackConfig().api_unit

@@ -57,6 +57,7 @@ class Attention(nn.Module):
         self.sim = activation_sim
         self.use_kernels = use_kernels
         self.batched_decode = True  # decode steps of many sequences in one attention (torch path)
+        self.score_budget = 1 << 22  # elements of one query block's attention scores (packed prefill)
 
     # ---- token-wise parts shared by both forwards -------------------------------------------------
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +99,22 @@ class Attention(nn.Module):
         sink = self.attn_sink.float().view(1, -1, 1).expand(s.shape[0], -1, 1)
         p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
         return torch.einsum("lhn,nd->lhd", p, kf).to(q.dtype)
+
+    def _sdpa_band_chosen(self, q: torch.Tensor, band: torch.Tensor, bias: torch.Tensor,
+                          entries: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """q [l, H, Dh]; band [n, Dh] shared with bias [l, n]; entries [N, Dh] of which each query
+        sees the ids sel [l, k] (-1 = none) -> [l, H, Dh]. The softmax of `_sdpa_shared` over the
+        band and the chosen entries, without scoring the entries not chosen."""
+        qf, bf = q.float(), band.float()
+        chosen = entries.float()[sel.clamp(min=0)]                                      # [l, k, Dh]
+        cbias = torch.zeros(sel.shape, device=q.device).masked_fill(sel < 0, float("-inf"))
+        s_band = torch.einsum("lhd,nd->lhn", qf, bf) * self.scale + bias[:, None, :]
+        s_chosen = torch.einsum("lhd,lkd->lhk", qf, chosen) * self.scale + cbias[:, None, :]
+        sink = self.attn_sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)
+        p = torch.softmax(torch.cat([s_band, s_chosen, sink], dim=-1), dim=-1)
+        n = bf.shape[0]
+        o = torch.einsum("lhn,nd->lhd", p[..., :n], bf) + torch.einsum("lhk,lkd->lhd", p[..., n:-1], chosen)
+        return o.to(q.dtype)
 
     # ---- the oracle ------------------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,28 +184,24 @@ class Attention(nn.Module):
             n_old = min(W - 1, p0)
             old_pos = torch.arange(p0 - n_old, p0, device=x.device)
             keys_w = torch.cat([pools.read_window(layer, slot, old_pos % W).to(kv.dtype), kv[r0:r1]])  # [n_old+L, Dh]
-            comp_all = comp_bias = None
+            comp_all = ikeys = None
             if self.ratio:
                 table = fb.page_tables[self.ratio][b]
                 if b not in done:
                     self._extend(self.compressor, pools, layer, pools.state[layer], a[r0:r1], g[r0:r1],
                                  p0, slot, table, P, indexer=False)
-                n_ent = (p0 + L) // self.ratio
-                ent = torch.arange(n_ent, device=x.device)
+                ent = torch.arange((p0 + L) // self.ratio, device=x.device)
                 comp_all = pools.read_entries(layer, table[ent // P], ent % P).to(kv.dtype)  # [N, Dh]
-                visible = ent[None, :] < ((pos + 1) // self.ratio)[:, None]             # [L, N]
                 if self.kind == "csa":
                     if b not in done:
                         self._extend(self.indexer.compressor, pools, layer, pools.istate[layer],
                                      ia[r0:r1], ig[r0:r1], p0, slot, table, P, indexer=True)
                     ikeys = pools.read_ikeys(layer, table[ent // P], ent % P)
-                    sel = self.indexer.select(qi[r0:r1], wi[r0:r1], ikeys, pos)         # [L, k]
-                    chosen = torch.zeros(L, n_ent + 1, dtype=torch.bool, device=x.device)
-                    chosen.scatter_(1, torch.where(sel >= 0, sel, n_ent), True)
-                    visible = visible & chosen[:, :n_ent]
-                comp_bias = torch.zeros(visible.shape, device=x.device).masked_fill(~visible, float("-inf"))
-            for s in range(0, L, qblock):
-                e = min(L, s + qblock)
+            # queries in blocks whose score matrix stays under a fixed size as the document grows
+            dense = comp_all.shape[0] if comp_all is not None and ikeys is None else 0
+            step = max(1, min(qblock, self.score_budget // (self.n_heads * (W + qblock + dense))))
+            for s in range(0, L, step):
+                e = min(L, s + step)
                 # the band of window keys these queries see is one contiguous slice
                 k0, k1 = max(0, s + n_old - (W - 1)), e + n_old
                 kpos = torch.arange(k0, k1, device=x.device) + (p0 - n_old)
@@ -196,10 +209,19 @@ class Attention(nn.Module):
                 band = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - W)
                 keys = keys_w[k0:k1]
                 bias = torch.zeros(band.shape, device=x.device).masked_fill(~band, float("-inf"))
+                qs = q[r0 + s:r0 + e]
+                if ikeys is not None:
+                    # CSA: the band plus only the indexer's top-k entries of each query
+                    sel = self.indexer.select(qi[r0 + s:r0 + e], wi[r0 + s:r0 + e], ikeys, qpos)  # [l, k]
+                    out[r0 + s:r0 + e] = self._sdpa_band_chosen(qs, keys, bias, comp_all, sel)
+                    continue
                 if comp_all is not None:
+                    # HCA: every entry the query can see
+                    visible = ent[None, :] < ((qpos + 1) // self.ratio)[:, None]
                     keys = torch.cat([keys, comp_all])
-                    bias = torch.cat([bias, comp_bias[s:e]], dim=1)
-                out[r0 + s:r0 + e] = self._sdpa_shared(q[r0 + s:r0 + e], keys, bias)
+                    bias = torch.cat([bias, torch.zeros(visible.shape, device=x.device)
+                                      .masked_fill(~visible, float("-inf"))], dim=1)
+                out[r0 + s:r0 + e] = self._sdpa_shared(qs, keys, bias)
             # the ring keeps the last W positions
             keep = min(W, L)
             pools.write_window(layer, slot, pos[L - keep:] % W, kv[r1 - keep:r1])

@@ -178,20 +178,23 @@ class Indexer(nn.Module):
         return q, w
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-               block: int = 256) -> torch.Tensor:
+               block: int = 256, budget: int = 1 << 22) -> torch.Tensor:
         """q [L, Hi, Di], w [L, Hi], keys [N, Di], positions [L] -> top-k entry ids [L, k] int64,
         -1 where fewer than k entries are visible (entry j is visible iff (j+1)*ratio <= t+1).
-        Ties break by lower entry index."""
+        Ties break by lower entry index. Queries go in blocks of at most `block`, fewer when the
+        block's scores [block, Hi, N] would pass `budget` elements, so the workspace stays flat
+        as the document grows."""
         L, N = q.shape[0], keys.shape[0]
         k = min(self.topk, N)
         out = torch.full((L, max(k, 0)), -1, dtype=torch.int64, device=q.device)
         if k == 0 or L == 0:
             return out
         kf = keys.float()
+        block = max(1, min(block, budget // max(1, q.shape[1] * N)))
         for s in range(0, L, block):
             qb, wb, pb = q[s:s + block], w[s:s + block], positions[s:s + block]
             score = torch.einsum("lhd,nd->lhn", qb, kf).relu_()
-            score = (score * wb.unsqueeze(-1)).sum(dim=1)                       # [l, N]
+            score = torch.einsum("lhn,lh->ln", score, wb)                          # [l, N]
             out[s:s + block] = self._top(score, (pb + 1) // self.ratio, k)
         return out
 
@@ -209,11 +212,21 @@ class Indexer(nn.Module):
 
     @staticmethod
     def _top(score: torch.Tensor, limit: torch.Tensor, k: int) -> torch.Tensor:
-        """score [R, N], visible count per row [R] -> the k best visible entry ids [R, k], -1 where
-        fewer than k are visible."""
-        ent = torch.arange(score.shape[1], device=score.device)
-        score = score.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
-        # ReLU makes exact ties (at 0) common; a stable sort breaks them by lower entry index, so
-        # a query's selection does not depend on how many later entries exist
-        top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
-        return torch.where(top >= limit[:, None], torch.full_like(top, -1), top)
+        """score [R, N], visible count per row [R] -> the k best visible entry ids [R, k] in
+        ascending id order, -1 where fewer than k are visible. Ties at the k-th score go to the
+        lower ids. (ReLU makes exact ties at 0 common, and a query's selection must not depend on
+        how many later entries exist.) Linear in N: a top-k for the k-th score, then the set."""
+        R, N = score.shape
+        ent = torch.arange(N, device=score.device)
+        visible = ent[None, :] < limit[:, None]
+        score = score.masked_fill(~visible, float("-inf"))
+        kth = torch.topk(score, k, dim=-1).values[:, -1:]                        # [R, 1]
+        above = (score > kth) & visible
+        tied = (score == kth) & visible
+        room = k - above.sum(dim=-1, keepdim=True)
+        take = above | (tied & (tied.cumsum(dim=-1) <= room))
+        # the taken ids, in order, into columns 0..; untaken ones all land in a spare column
+        col = torch.where(take, take.cumsum(dim=-1) - 1, k)
+        out = torch.full((R, k + 1), -1, dtype=torch.int64, device=score.device)
+        out.scatter_(1, col, torch.where(take, ent[None, :], -1).expand(R, N).contiguous())
+        return out[:, :k]

@@ -52,8 +52,11 @@ class _Base:
 
 
 class StubAPI(_Base):
-    def __init__(self, delay: float = 0.0, usage: bool = True, fail_status: int | None = None) -> None:
-        self.delay, self.usage, self.fail_status = delay, usage, fail_status
+    def __init__(self, delay: float = 0.0, usage: bool = True, fail_status: int | None = None,
+                 fail_when=None) -> None:
+        """`fail_status`: every request gets it; `fail_when(prompt text)`: only the requests it is
+        true for (with `fail_status`, default 400)."""
+        self.delay, self.usage, self.fail_status, self.fail_when = delay, usage, fail_status, fail_when
         self.lock = threading.Lock()
         self.answered: list[str] = []     # prompts of answered requests
         self.log: list[dict] = []         # {"t", "t_done", "id", "body", "headers", "hit"}
@@ -88,8 +91,9 @@ class StubAPI(_Base):
                     rid = entry["id"] = f"stub-{len(stub.log)}"
                 if stub.delay:
                     time.sleep(stub.delay)
-                if stub.fail_status is not None:     # echoes the key it was sent, as some providers do
-                    return self._send(stub.fail_status, {"error": {"message": "refused: " + self.headers.get(
+                failing = stub.fail_when(text) if stub.fail_when is not None else stub.fail_status is not None
+                if failing:                          # echoes the key it was sent, as some providers do
+                    return self._send(stub.fail_status or 400, {"error": {"message": "refused: " + self.headers.get(
                         "authorization", "no key"), "type": "x"}})
                 last = [m for m in body["messages"] if m.get("role") == "user"][-1]["content"]
                 think = (body.get("thinking") or {}).get("type") == "enabled" or \
