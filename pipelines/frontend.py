@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,15 @@ class Frontend:
             self._tokenizer = model_tokenizer(self.opts.tokenizer or self.opts.model)
         return self._tokenizer
 
+    def shippable(self) -> "Frontend":
+        """A copy for `front_stage` in another process: no input source (its files stay here) and
+        no tokenizer (each process loads its own)."""
+        import copy
+
+        fe = copy.copy(self)
+        fe.src, fe._tokenizer = None, None
+        return fe
+
     def resolved(self) -> dict[str, Any]:
         """What was detected (format, prompt source, id column), for the job's fingerprint."""
         return {"fmt": self.src.format, "prompt_column": self.spec.prompt_column,
@@ -180,8 +190,8 @@ class Frontend:
     # ---- rows -------------------------------------------------------------------------------------
     def batches(self, seen: Callable[[str], bool], on_error: Callable[[RowError], None], counts: dict,
                 timings: dict, *, skip: Callable[[RowRequest], bool] | None = None,
-                quiet: bool = True, seen_many: Callable[[list[str]], list[bool]] | None = None
-                ) -> Iterator[list[Row]]:
+                quiet: bool = True, seen_many: Callable[[list[str]], list[bool]] | None = None,
+                remote: Callable | None = None) -> Iterator[list[Row]]:
         """Lists of this shard's rows to plan, in input order. Every row read ends in exactly one
         of: a yielded `Row`, `on_error` (this shard's error rows, in input order), `skip(req)`
         returning True (done by an earlier run; counted by the caller) or `counts["out_of_shard"]`.
@@ -192,7 +202,12 @@ class Frontend:
         `self.tokenize_busy` is the tokenize stage's own seconds.
 
         Batch k is tokenized in a worker thread while this thread reads and builds batch k+1
-        and the caller plans batch k-1 (HF tokenizers releases the GIL while it encodes)."""
+        and the caller plans batch k-1 (HF tokenizers releases the GIL while it encodes).
+
+        `remote(raw batch)`, when given, returns a future whose `result()` is `front_stage(self,
+        batch)` computed elsewhere (the Ray executor's CPU tasks); up to `remote.depth` batches are
+        out at once. Reading, ids, duplicates, resume, `--limit` and `--shard` stay here, applied
+        to each batch in input order as it returns, so the rows and error rows are the same."""
         from concurrent.futures import ThreadPoolExecutor
 
         from batchv4.packing import shard_of
@@ -214,9 +229,16 @@ class Frontend:
                 on_error(err)
 
         def finish(job) -> list[Row]:
-            built, errors, fut = job
             t1 = time.perf_counter()
-            encoded, busy = fut.result()
+            if job[0] == "remote":
+                _, batch, fut = job
+                prepared, encoded_all, busy = fut.result()
+                built, errors, where = self._admit(batch, prepared, check, skip)
+                encoded = [encoded_all[i] for i in where]
+                del batch, prepared, encoded_all
+            else:
+                _, built, errors, fut = job
+                encoded, busy = fut.result()
             self.tokenize_busy += busy
             for err in errors:                  # the batch's build errors, then its tokenize errors
                 fail(err)
@@ -245,36 +267,40 @@ class Frontend:
         limit = opts.limit
         self.exhausted = False
         whole = False
-        pending = None                          # the batch in the tokenizer
+        depth = getattr(remote, "depth", 1) if remote is not None else 1
+        pending: deque = deque()                # batches in the tokenizer (or out in tasks), in order
         with ThreadPoolExecutor(1, thread_name_prefix="batchv4-tokenize") as pool:
             for batch in self.src.iter_rows(batch_size=opts.read_batch_rows):
                 t0 = time.perf_counter()
                 if limit is not None:
                     batch = batch[:max(0, limit - counts["input_rows"])]
-                built, errors = self._build(batch, check, skip, fail)
                 counts["input_rows"] += len(batch)
                 if bars[0] is not None:
                     bars[0].update(len(batch))
+                tok = self.tokenizer            # loaded here, not in the worker: its errors are the caller's
+                if remote is not None:
+                    job = ("remote", batch, remote(batch))
+                else:
+                    built, errors, _ = self._admit(batch, self._prepare(batch), check, skip)
+                    job = ("local", built, errors, pool.submit(_timed, self._encode, tok, [b[0] for b in built]))
+                    del built, errors
                 # what is done with is freed now (here, and the finished batch before the yield),
                 # not a batch later: fewer live objects make the cyclic GC's passes fewer and shorter
                 del batch
-                tok = self.tokenizer            # loaded here, not in the worker: its errors are the caller's
-                job = (built, errors, pool.submit(_timed, self._encode, tok, [b[0] for b in built]))
                 timings["read_build"] += time.perf_counter() - t0
-                if pending is not None:
-                    rows = finish(pending)
-                    pending = None
+                if len(pending) >= depth:
+                    rows = finish(pending.popleft())
                     if rows:
                         yield rows
                     del rows
-                pending = job
+                pending.append(job)
+                del job
                 if limit is not None and counts["input_rows"] >= limit:
                     break
             else:
                 whole = True
-            if pending is not None:
-                rows = finish(pending)
-                pending = None
+            while pending:
+                rows = finish(pending.popleft())
                 if rows:
                     yield rows
         self.exhausted = whole
@@ -282,72 +308,87 @@ class Frontend:
             if b is not None:
                 b.close()
 
-    def _build(self, batch: list, check: Callable[[list[str]], list[bool]],
-               skip: Callable[[RowRequest], bool] | None, fail: Callable[[RowError], None]
-               ) -> tuple[list[tuple[RowRequest, dict, Any]], list[RowError]]:
-        """A batch's requests to tokenize, with their sampling overrides and SamplingParams, and
-        its error rows in input order (handed to `fail` with the batch's tokenize errors, so
-        error rows keep their order while the tokenizer works on the batch before)."""
+    def _prepare(self, batch: list) -> list[tuple]:
+        """Each raw row's request, as far as it depends on the row alone: `(RowError, None, None,
+        None)` when no request can be built, else `(RowRequest, sampling overrides, SamplingParams,
+        None)`, or `(RowRequest, None, None, RowError)` for a request that cannot run (tools on the
+        local engine, bad sampling fields, kept values that do not fit their column). Pure: the Ray
+        executor runs it in CPU tasks."""
         from batchv4.io.rows import build_request
 
         spec = self.spec
-        reqs = [build_request(raw, spec) for raw in batch]
-        # every id is marked seen, an error row's too: an earlier run's output of it is stale
-        dup = iter(check([r.id for r in reqs if r.id is not None]))
         base = self.base_openai if spec.openai_batch else self.base
-        built: list[tuple[RowRequest, dict, Any]] = []
+        out: list[tuple] = []
+        for raw in batch:
+            r = build_request(raw, spec)
+            if isinstance(r, RowError):
+                out.append((r, None, None, None))
+                continue
+            if not r.params:
+                out.append((r, {}, base, None))
+                continue
+            if self.opts.backend == "local" and _uses_tools(r.params):
+                out.append((r, None, None, RowError(r.index, r.id, "tools are not supported by batchv4's local "
+                                                    "engine (V4's tool format is not built); use --backend openai",
+                                                    _raw_text(raw))))
+                continue
+            try:
+                over = {k: v for k, v in r.params.items() if k not in ROW_ONLY_PARAMS}
+                out.append((r, over, base.replace(**over) if over else base, None))
+            except Exception as e:
+                out.append((r, None, None, RowError(r.index, r.id, _line(e), _raw_text(raw))))
+        self._check_kept(out)
+        return out
+
+    def _admit(self, batch: list, prepared: list[tuple], check: Callable[[list[str]], list[bool]],
+               skip: Callable[[RowRequest], bool] | None) -> tuple[list[tuple], list[RowError], list[int]]:
+        """What the job does with a prepared batch, in input order: (the requests to run, as
+        (RowRequest, overrides, SamplingParams); the batch's error rows, in input order; the
+        index in `prepared` of each request to run). Every id is marked seen, an error row's too
+        (an earlier run's output of it is stale); a duplicate id is an error row before anything
+        else, a row an earlier run finished (`skip`) is left out before its own errors."""
+        dup = iter(check([p[0].id for p in prepared if p[0].id is not None]))
+        built: list[tuple] = []
         errors: list[RowError] = []
-        for raw, r in zip(batch, reqs):
+        where: list[int] = []
+        for i, (raw, (r, over, sampling, err)) in enumerate(zip(batch, prepared)):
             if isinstance(r, RowError):
                 if r.id is not None:
                     next(dup)
                 errors.append(r)
                 continue
             if next(dup):
-                errors.append(RowError(r.index, r.id, f"duplicate id {r.id!r}", raw.raw if raw.raw is not None
-                                       else _json(raw.data)))
+                errors.append(RowError(r.index, r.id, f"duplicate id {r.id!r}", _raw_text(raw)))
                 continue
             if skip is not None and skip(r):
                 continue
-            if not r.params:
-                built.append((r, {}, base))
-                continue
-            if self.opts.backend == "local" and _uses_tools(r.params):
-                errors.append(RowError(r.index, r.id, "tools are not supported by batchv4's local engine "
-                                       "(V4's tool format is not built); use --backend openai",
-                                       raw.raw if raw.raw is not None else _json(raw.data)))
-                continue
-            try:
-                over = {k: v for k, v in r.params.items() if k not in ROW_ONLY_PARAMS}
-                sampling = base.replace(**over) if over else base
-            except Exception as e:
-                errors.append(RowError(r.index, r.id, _line(e), raw.raw if raw.raw is not None else _json(raw.data)))
+            if err is not None:
+                errors.append(err)
                 continue
             built.append((r, over, sampling))
-        built = self._check_kept(built, errors.append)
-        return built, errors
+            where.append(i)
+        return built, errors, where
 
-    def _check_kept(self, built: list, fail: Callable[[RowError], None]) -> list:
-        """Rows whose kept values fit the kept columns' types (a JSON value that does not fit the
-        type inferred from the first rows makes its row an error row)."""
-        if not self.kept or not built:
-            return built
+    def _check_kept(self, prepared: list[tuple]) -> None:
+        """Marks the prepared rows whose kept values do not fit the kept columns' types (a JSON
+        value that does not fit the type inferred from the first rows makes its row an error row)."""
+        ok = [i for i, p in enumerate(prepared) if p[3] is None and not isinstance(p[0], RowError)]
+        if not self.kept or not ok:
+            return
         from batchv4.io.schema import rows_to_table
 
         try:
-            rows_to_table([b[0].keep for b in built], self._kept_schema)
-            return built
+            rows_to_table([prepared[i][0].keep for i in ok], self._kept_schema)
+            return
         except Exception:
             pass
-        good = []
-        for b in built:
+        for i in ok:
+            r = prepared[i][0]
             try:
-                rows_to_table([b[0].keep], self._kept_schema)
-                good.append(b)
+                rows_to_table([r.keep], self._kept_schema)
             except Exception as e:
-                fail(RowError(b[0].index, b[0].id, f"kept {_line(e).removeprefix('output ')}",
-                              _json({"messages": b[0].messages, **b[0].keep})))
-        return good
+                prepared[i] = (r, None, None, RowError(r.index, r.id, f"kept {_line(e).removeprefix('output ')}",
+                                                       _json({"messages": r.messages, **r.keep})))
 
     def _encode(self, tok, requests: list[RowRequest]) -> list[tuple[Any, bool, str | None]]:
         """(HF encoding, thinking, error) per request, in batches; a batch the tokenizer refuses is
@@ -380,6 +421,34 @@ class Frontend:
                 except Exception as e:
                     out[i] = (None, think, f"cannot tokenize this row: {_line(e)}")
         return out
+
+
+def _raw_text(raw) -> str:
+    return raw.raw if raw.raw is not None else _json(raw.data)
+
+
+_TASK_TOKENIZERS: dict = {}
+
+
+@dataclass(frozen=True)
+class _Ids:
+    ids: list
+
+
+def front_stage(fe: "Frontend", batch: list) -> tuple[list[tuple], list, float]:
+    """The row-only part of the front-end for one raw batch, as a CPU task runs it: (the prepared
+    rows, each one's (token ids, thinking, error) or None where it is not encoded, the seconds
+    spent). `fe` may be a copy without its input source (see `Frontend.shippable`)."""
+    t = time.perf_counter()
+    name = fe.opts.tokenizer or fe.opts.model
+    if fe._tokenizer is None:          # one tokenizer per process, for every task it runs
+        fe._tokenizer = _TASK_TOKENIZERS.get(name) or _TASK_TOKENIZERS.setdefault(name, model_tokenizer(name))
+    prepared = fe._prepare(batch)
+    todo = [i for i, p in enumerate(prepared) if p[3] is None and not isinstance(p[0], RowError)]
+    encoded: list = [None] * len(prepared)
+    for i, (enc, think, err) in zip(todo, fe._encode(fe.tokenizer, [prepared[i][0] for i in todo])):
+        encoded[i] = (_Ids(list(enc.ids)) if enc is not None else None, think, err)
+    return prepared, encoded, time.perf_counter() - t
 
 
 def _uses_tools(params: dict) -> bool:

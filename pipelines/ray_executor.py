@@ -313,6 +313,38 @@ class _Pool:
                               cache_hit=f"{p['prompt_cache_hit_tokens'] / max(1, p['prompt_tokens']):.0%}")
 
 
+class _FrontTasks:
+    """The row front-end's row-only work (building requests, chat encoding, tokenizing) in Ray CPU
+    tasks, one per read batch, up to two per cluster CPU out at once (`Frontend.batches(remote=)`);
+    the driver reads the input and applies ids, duplicates, resume and limits in input order."""
+
+    def __init__(self, ray, fe) -> None:
+        self.ray = ray
+        self.fe = ray.put(fe.shippable())
+        self.task = ray.remote(num_cpus=1, max_retries=3)(_front_task)
+        self.depth = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.submitted = 0
+
+    def __call__(self, batch):
+        self.submitted += 1
+        return _Pending(self.ray, self.task.remote(self.fe, batch))
+
+
+@dataclass
+class _Pending:
+    ray: Any
+    ref: Any
+
+    def result(self):
+        return self.ray.get(self.ref)
+
+
+def _front_task(fe, batch):
+    from batchv4.pipelines.frontend import front_stage
+
+    return front_stage(fe, batch)
+
+
 def _connect(ray, cfg) -> None:
     if ray.is_initialized():
         return
@@ -370,7 +402,9 @@ def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event
     counts = {"input_rows": 0, "skipped_done": 0, "new_error_rows": 0, "out_of_shard": 0, "planned_rows": 0,
               "stale_output_rows_removed": 0, "stale_error_rows_removed": 0}
     errors = _Errors(writer, cfg.part_rows, counts)
-    planned = plan(_read(cfg, fe, state, errors, counts, timings), spill_dir=state.dir)
+    _connect(ray, cfg)
+    front = _FrontTasks(ray, fe)
+    planned = plan(_read(cfg, fe, state, errors, counts, timings, remote=front), spill_dir=state.dir)
     t0 = time.perf_counter()
     first = next(planned, None)
     timings["plan"] = time.perf_counter() - t0 - timings["read_build"] - timings["tokenize"]
@@ -383,7 +417,6 @@ def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event
     t_engine = time.perf_counter()
     try:
         if first is not None:
-            _connect(ray, cfg)
             t0 = time.perf_counter()
             pbar = progress_bar(cfg.quiet, "generate", "row", total=counts["planned_rows"])
             pool = _Pool(ray, cfg, fe.kept, writer, counts, pbar, on_event, llm_factory, uuid.uuid4().hex[:8])
@@ -428,6 +461,7 @@ def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event
     stats = pool.stats if pool is not None else None
     result = summary(cfg, fp, writer, counts, timings, wall, stats, card, private, _now())
     result["this_run"]["executor"] = "ray"
+    result["this_run"]["front_end_tasks"] = front.submitted
     result["this_run"]["replicas"] = {str(r): st for r, st in sorted(stats.by_replica.items())} if stats else {}
     write_json(cfg.output, "summary.json", result, so)
     if fe.src.format == "openai":
@@ -449,20 +483,30 @@ def _remove_replica_parts(url: str, so) -> None:
             fs.rm_file(p)
 
 
-def run_dataset(ds, cfg, llm_factory: Callable | None = None):
+def run_dataset(ds, cfg, llm_factory: Callable | None = None, *, staging: str | None = None):
     """A `ray.data.Dataset` of input rows in, the `ray.data.Dataset` of its output rows out: the
-    rows are written as Parquet into `cfg.output`'s `_input` folder, run as `run_ray` runs a
-    file (the output folder is `cfg.output`, with resume and error rows), and the listed parts
-    are read back."""
+    rows are written as Parquet into `staging` (default: the folder `OUTPUT.input` beside the
+    output folder, replaced on each call; the output folder itself holds only the job), run as
+    `run_ray` runs a file (the output folder is `cfg.output`, with resume and error rows: rows
+    already done in it, by id and content, are not run again), and the listed parts are read
+    back."""
     from batchv4.io.urls import get_fs, join
     from batchv4.io.writers import read_manifest
 
     ray = import_ray()
-    fs, path = get_fs(cfg.output, cfg.storage_options or None)
-    inp = join(fs, path, "_input")
-    if fs.exists(inp):
-        fs.rm(inp, recursive=True)
-    ds.write_parquet(inp)
-    run_ray(replace(cfg, input=inp), llm_factory)
-    files = [join(fs, path, e["file"]) for e in read_manifest(cfg.output, cfg.storage_options or None)["parts"]]
-    return ray.data.read_parquet(files, filesystem=None if fs.protocol in ("file", ("file", "local")) else fs)
+    so = cfg.storage_options or None
+    fs, path = get_fs(cfg.output, so)
+    staging = staging or cfg.output.rstrip("/") + ".input"
+    sfs, spath = get_fs(staging, so)
+    if sfs.exists(spath):
+        sfs.rm(spath, recursive=True)
+    ds.write_parquet(staging, filesystem=None if _is_local(sfs) else sfs)
+    run_ray(replace(cfg, input=staging, fmt="parquet"), llm_factory)
+    files = [join(fs, path, e["file"]) for e in read_manifest(cfg.output, so)["parts"]]
+    return ray.data.read_parquet(files, filesystem=None if _is_local(fs) else fs)
+
+
+def _is_local(fs) -> bool:
+    from batchv4.io.urls import is_local
+
+    return is_local(fs)

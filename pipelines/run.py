@@ -258,7 +258,7 @@ def _engine_error(req, message: str | None) -> dict:
                     json.dumps({"messages": req.messages}, ensure_ascii=False)).to_record()
 
 
-def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None, elsewhere=frozenset()):
+def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None, elsewhere=frozenset(), remote=None):
     """The front-end's rows as `PackInput(id, token ids)`, each row's record put in `state`;
     rows an earlier invocation finished with the same content are skipped, error rows it wrote
     are not written again."""
@@ -280,7 +280,7 @@ def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None, e
         return False
 
     for batch in fe.batches(state.seen, on_error, counts, timings, skip=skip, quiet=cfg.quiet,
-                            seen_many=state.seen_many):
+                            seen_many=state.seen_many, remote=remote):
         if on_first_row is not None:
             on_first_row()
         state.put([(r.req, r.sampling, r.thinking) for r in batch])

@@ -101,12 +101,12 @@ class Attention(nn.Module):
         return torch.einsum("lhn,nd->lhd", p, kf).to(q.dtype)
 
     def _sdpa_band_chosen(self, q: torch.Tensor, band: torch.Tensor, bias: torch.Tensor,
-                          entries: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """q [l, H, Dh]; band [n, Dh] shared with bias [l, n]; entries [N, Dh] of which each query
-        sees the ids sel [l, k] (-1 = none) -> [l, H, Dh]. The softmax of `_sdpa_shared` over the
-        band and the chosen entries, without scoring the entries not chosen."""
+                          chosen: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """q [l, H, Dh]; band [n, Dh] shared with bias [l, n]; chosen [l, k, Dh] the entries with
+        ids sel [l, k] (-1 = none) of each query -> [l, H, Dh]. The softmax of `_sdpa_shared`
+        over the band and the chosen entries, without scoring the entries not chosen."""
         qf, bf = q.float(), band.float()
-        chosen = entries.float()[sel.clamp(min=0)]                                      # [l, k, Dh]
+        chosen = chosen.float()
         cbias = torch.zeros(sel.shape, device=q.device).masked_fill(sel < 0, float("-inf"))
         s_band = torch.einsum("lhd,nd->lhn", qf, bf) * self.scale + bias[:, None, :]
         s_chosen = torch.einsum("lhd,lkd->lhk", qf, chosen) * self.scale + cbias[:, None, :]
@@ -191,14 +191,15 @@ class Attention(nn.Module):
                     self._extend(self.compressor, pools, layer, pools.state[layer], a[r0:r1], g[r0:r1],
                                  p0, slot, table, P, indexer=False)
                 ent = torch.arange((p0 + L) // self.ratio, device=x.device)
-                comp_all = pools.read_entries(layer, table[ent // P], ent % P).to(kv.dtype)  # [N, Dh]
                 if self.kind == "csa":
                     if b not in done:
                         self._extend(self.indexer.compressor, pools, layer, pools.istate[layer],
                                      ia[r0:r1], ig[r0:r1], p0, slot, table, P, indexer=True)
                     ikeys = pools.read_ikeys(layer, table[ent // P], ent % P)
+                else:   # HCA reads every entry; CSA only the ones each query block chose (below)
+                    comp_all = pools.read_entries(layer, table[ent // P], ent % P).to(kv.dtype)  # [N, Dh]
             # queries in blocks whose score matrix stays under a fixed size as the document grows
-            dense = comp_all.shape[0] if comp_all is not None and ikeys is None else 0
+            dense = comp_all.shape[0] if comp_all is not None else 0
             step = max(1, min(qblock, self.score_budget // (self.n_heads * (W + qblock + dense))))
             for s in range(0, L, step):
                 e = min(L, s + step)
@@ -213,7 +214,9 @@ class Attention(nn.Module):
                 if ikeys is not None:
                     # CSA: the band plus only the indexer's top-k entries of each query
                     sel = self.indexer.select(qi[r0 + s:r0 + e], wi[r0 + s:r0 + e], ikeys, qpos)  # [l, k]
-                    out[r0 + s:r0 + e] = self._sdpa_band_chosen(qs, keys, bias, comp_all, sel)
+                    ids = sel.clamp(min=0)
+                    chosen = pools.read_entries(layer, table[ids // P], ids % P).to(kv.dtype)     # [l, k, Dh]
+                    out[r0 + s:r0 + e] = self._sdpa_band_chosen(qs, keys, bias, chosen, sel)
                     continue
                 if comp_all is not None:
                     # HCA: every entry the query can see

@@ -81,8 +81,10 @@ def test_two_replicas_give_the_local_rows_prefill_and_groups(cluster, data, loca
     from batchv4.pipelines.ray_executor import run_ray
 
     out = tmp_path / "ray"
-    summary = run_ray(config(data, out, executor="ray", replicas=2))
+    summary = run_ray(config(data, out, executor="ray", replicas=2, read_batch_rows=3))
     assert_same_rows(out, local)
+    # the 13 input lines were built and tokenized in Ray tasks, three rows each
+    assert summary["this_run"]["front_end_tasks"] == 5
     for c in ("amortized",):            # one part per replica chunk here, as locally: the same too
         assert {k: r[f"cost_usd_{c}"] for k, r in rows_of(out).items()} == \
             {k: r[f"cost_usd_{c}"] for k, r in local[1].items()}
@@ -164,3 +166,56 @@ def test_a_killed_job_run_again_finishes_as_an_uninterrupted_one(cluster, data, 
     summary = run_ray(config(data, out, executor="ray", replicas=2, part_rows=1))
     assert summary["counts"]["skipped_done"] >= listed
     assert_same_rows(out, local, [c for c in SAME if not c.startswith("prompt_cache_")])
+
+
+def _listed(out) -> int:
+    try:
+        return read_manifest(str(out))["rows"]
+    except Exception:          # not written yet, or being replaced
+        return 0
+
+
+def test_the_driver_killed_by_sigkill_then_the_same_command_finishes(cluster, data, local, tmp_path):
+    """A second driver process (the CLI, connected to this cluster with --address) is killed with
+    SIGKILL once some rows are listed; its actors die with it; the same command run again finishes
+    with every row exactly once, equal to an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ray"
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "batchv4", "run", data, "-o", str(out), "--model", "tiny", "--device", "cpu",
+           "--max-tokens", "5", "--kv-cache-memory", "64MiB", "--quiet", "--part-rows", "1", "--max-num-seqs", "1",
+           "--executor", "ray", "--address", address, "--replicas", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    while _listed(out) < 2:
+        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
+        assert time.monotonic() - t0 < 180, "timed out waiting for the first parts"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    listed = _listed(out)
+    assert 2 <= listed < 12
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["counts"]["skipped_done"] >= listed and summary["counts"]["output_rows"] == 12
+    assert_same_rows(out, local, [c for c in SAME if not c.startswith("prompt_cache_")])
+
+
+def test_run_dataset_takes_and_returns_a_ray_dataset(cluster, data, local, tmp_path):
+    from batchv4.pipelines.ray_executor import run_dataset
+
+    rows = [json.loads(line) for line in open(data) if line.startswith('{"')]
+    ds = ray.data.from_items(rows)
+    got = run_dataset(ds, config("", tmp_path / "ds", executor="ray", replicas=2))
+    assert isinstance(got, ray.data.Dataset)
+    out = {(r["id"], r["sample_index"]): r for r in got.take_all()}
+    assert out.keys() == local[1].keys()
+    for k, r in local[1].items():
+        assert {c: out[k][c] for c in SAME} == {c: r[c] for c in SAME}, k
