@@ -189,10 +189,10 @@ class _Pool:
         self.progress = _zero_progress()
         self.t0 = time.perf_counter()
         n = cfg.replicas
-        wcfg = cfg
-        if cfg.gpus_per_replica > 1:        # a replica is a rank group of G GPUs
+        wcfg, gpus = cfg, _replica_gpus(ray, cfg)
+        if cfg.gpus_per_replica > 1:        # a replica is a rank group of G GPUs (G ranks on CPU)
             wcfg = replace(cfg, data_parallel_size=int(cfg.gpus_per_replica))
-        actor = ray.remote(ReplicaWorker).options(num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica,
+        actor = ray.remote(ReplicaWorker).options(num_cpus=cfg.cpus_per_replica, num_gpus=gpus,
                                                   max_restarts=MAX_ATTEMPTS, max_task_retries=0)
         self.actors = [actor.remote(wcfg, r, job, kept, llm_factory) for r in range(n)]
         self.queues = [queue.Queue(maxsize=2) for _ in range(n)]
@@ -343,6 +343,19 @@ def _front_task(fe, batch):
     from batchv4.pipelines.frontend import front_stage
 
     return front_stage(fe, batch)
+
+
+def _replica_gpus(ray, cfg) -> float:
+    """GPUs Ray reserves per replica: --gpus-per-replica, none with --device cpu (a replica of
+    G > 1 is then G ranks over gloo); a one-line error when the cluster cannot hold one replica,
+    where Ray would wait for GPUs forever."""
+    if cfg.device == "cpu" or not cfg.gpus_per_replica:
+        return 0
+    have = ray.cluster_resources().get("GPU", 0)
+    if have < cfg.gpus_per_replica:
+        raise UserError(f"--gpus-per-replica {cfg.gpus_per_replica:g}: the Ray cluster has {have:g} GPU(s); "
+                        "use --device cpu to run a replica's ranks on CPU")
+    return cfg.gpus_per_replica
 
 
 def _connect(ray, cfg) -> None:

@@ -180,7 +180,8 @@ def row_fields(kw: dict) -> dict:
 @click.option("--cpus-per-replica", default=0.5, type=float,
               help="CPUs Ray reserves per replica (fractions let --replicas 2 fit 2 cores).")
 @click.option("--gpus-per-replica", default=0.0, type=float,
-              help="GPUs per replica; above 1 a replica is a rank group of that many GPUs.")
+              help="GPUs per replica; above 1 a replica is a rank group of that many GPUs (with --device cpu: "
+                   "that many ranks over gloo, no GPUs reserved).")
 def run(input_url, output, kv_cache_memory, kv_cache_dtype, max_batched_tokens, max_num_seqs, device,
         data_parallel_size, enable_expert_parallel, resume,
         part_rows, base_urls, api_key_env, provider, concurrency, max_retries, request_timeout, rpm, tpm,

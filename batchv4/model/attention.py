@@ -57,7 +57,7 @@ class Attention(nn.Module):
         self.sim = activation_sim
         self.use_kernels = use_kernels
         self.batched_decode = True  # decode steps of many sequences in one attention (torch path)
-        self.score_budget = 1 << 22  # elements of one query block's attention scores (packed prefill)
+        self.score_budget = 1 << 20  # elements of one query block's attention scores (packed prefill)
 
     # ---- token-wise parts shared by both forwards -------------------------------------------------
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -219,3 +219,15 @@ def test_run_dataset_takes_and_returns_a_ray_dataset(cluster, data, local, tmp_p
     assert out.keys() == local[1].keys()
     for k, r in local[1].items():
         assert {c: out[k][c] for c in SAME} == {c: r[c] for c in SAME}, k
+
+
+def test_a_replica_of_two_ranks_gives_the_local_rows(cluster, data, local, tmp_path):
+    """--gpus-per-replica 2 with --device cpu: the replica is a rank group of two processes over
+    gloo (expert-parallel MoE), and the rows are the local run's."""
+    from batchv4.pipelines.ray_executor import run_ray
+
+    out = tmp_path / "ranks"
+    summary = run_ray(config(data, out, executor="ray", replicas=1, gpus_per_replica=2,
+                             enable_expert_parallel=True))
+    assert summary["counts"]["output_rows"] == 12
+    assert_same_rows(out, local)
