@@ -5,7 +5,10 @@
 
 - routing: the engine benchmark's workloads (`bench_engine.loads()`), dealt to 4, 8 and 16
   in-process engines that do no math (`LLM("tiny", dry_run=True)`: the real scheduler and cache
-  manager), by `pipelines.routing.route` (whole plan groups, least tokens first) and by
+  manager), by prefix-affine routing (whole plan groups to the replica with the least work so far,
+  work = what the plan prefills plus what a row may generate, as the executor counts it), by the
+  same with groups cut at branch points into pieces of at least a fair share of rows
+  (`pipelines.routing.split_group`, as the executor does with its chunk size), and by
   round-robin blocks of 16 input rows (what a prefix-blind dataset split does). Each engine plans
   its own rows (`llm.generate`, the same packing); the figure is prefill computed over all
   engines / prefix-tree tokens of the whole input (1.00 is the least possible), beside the
@@ -52,28 +55,37 @@ def _balance(shares: list[list[list[int]]]) -> float:
 
 def part_routing() -> None:
     from batchv4.packing import PackInput, plan_with_stats
-    from batchv4.pipelines.routing import group_cost, round_robin_blocks, route
+    from batchv4.pipelines.routing import Router, group_cost, round_robin_blocks, split_group
 
     print("\n## Routing: prefill computed / prefix-tree tokens (lower is better; 1.00 is the least)\n")
-    print("| workload | replicas | tree tokens | prefix-affine | round-robin blocks of 16 | balance affine | balance round-robin |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | replicas | tree tokens | prefix-affine | affine + split | round-robin blocks of 16 | "
+          "balance affine | balance split | balance round-robin |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, prompts in bench_engine.loads().items():
         planned, stats = plan_with_stats([PackInput(i, p) for i, p in enumerate(prompts)])
-        groups: dict[int, list[int]] = {}
+        groups: dict[int, list] = {}
         for pr in planned:
-            groups.setdefault(pr.group, []).append(pr.key)
+            groups.setdefault(pr.group, []).append(pr)
         order = sorted(groups)
-        tokens = [sum(group_cost(len(prompts[k]), bench_engine.MAX_TOKENS) for k in groups[g]) for g in order]
+        # the executor's costs: what the plan prefills for a row plus what it may generate
+        work = {g: [group_cost(pr.prefill_tokens, bench_engine.MAX_TOKENS) for pr in groups[g]] for g in order}
         for n in (4, 8, 16):
             affine: list[list[list[int]]] = [[] for _ in range(n)]
-            for g, r in zip(order, route(tokens, n)):
-                affine[r].extend(prompts[k] for k in groups[g])
+            router = Router(n)
+            for g in order:
+                affine[router.assign(sum(work[g]))].extend(prompts[pr.key] for pr in groups[g])
+            split: list[list[list[int]]] = [[] for _ in range(n)]
+            router, piece_rows = Router(n), -(-len(prompts) // n)      # pieces of a fair share of rows
+            for g in order:
+                rows = groups[g]
+                for a, b, recompute in split_group([pr.resume_pos for pr in rows], work[g], piece_rows):
+                    split[router.assign(sum(work[g][a:b]) + recompute)].extend(prompts[pr.key] for pr in rows[a:b])
             rr: list[list[list[int]]] = [[] for _ in range(n)]
             for i, r in enumerate(round_robin_blocks(len(prompts), n, BLOCK_ROWS)):
                 rr[r].append(prompts[i])
-            a, b = _prefill(affine) / stats.tree_tokens, _prefill(rr) / stats.tree_tokens
-            print(f"| {name} | {n} | {stats.tree_tokens:,} | {a:.3f} | {b:.3f} | {_balance(affine):.2f} | "
-                  f"{_balance(rr):.2f} |", flush=True)
+            a, s_, b = (_prefill(x) / stats.tree_tokens for x in (affine, split, rr))
+            print(f"| {name} | {n} | {stats.tree_tokens:,} | {a:.3f} | {s_:.3f} | {b:.3f} | {_balance(affine):.2f} | "
+                  f"{_balance(split):.2f} | {_balance(rr):.2f} |", flush=True)
 
 
 def part_ray() -> None:

@@ -2,9 +2,10 @@
 exactly once, writing the same output folder a local run writes.
 
 Flow: the driver does what a local run does up to the plan (check options, claim the folder, take
-over an earlier run, read and tokenize rows through the front-end, skip rows already done, plan)
--> it deals whole plan groups to replicas by tokens (`pipelines.routing.Router`), in chunks of
-whole groups -> each replica (`ReplicaWorker`, one engine) plans its chunk again with the same
+over an earlier run, read rows, skip rows already done, plan), with the row front-end's building
+and tokenizing in Ray CPU tasks (`_FrontTasks`) -> it deals plan groups to replicas by tokens
+(`pipelines.routing.Router`), whole, or a group longer than two chunks cut at branch points
+(`pipelines.routing.split_group`), in chunks -> each replica (`ReplicaWorker`, one engine) plans its chunk again with the same
 packing, generates, prices rows with the same `output_rows`, and writes parts atomically under
 names no other replica, chunk, attempt or invocation uses (`part-r{R}-{job}-c{C}-a{A}-NNNNN`),
 streaming one event per committed part back -> the driver lists each committed part in the one
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ReplicaWorker", "WorkItem", "import_ray", "run_dataset", "run_ray"]
 
 MAX_ATTEMPTS = 4            # tries of one chunk (the first and three after replica failures)
+CHUNK_ROWS = 256            # rows per chunk sent to a replica at least (4 parts' worth if more)
 _RAY_PART = re.compile(r"^\.?(part|errors)-r\d+-[0-9a-f]+-c\d+-a\d+-\d{5,}\.parquet(\.tmp-[0-9a-f]+)?$")
 
 
@@ -61,6 +63,8 @@ class WorkItem:
     thinking: bool
     group: int              # the driver's plan group (the `_group` a local run amortizes by)
     api_hit: int            # the driver's whole-plan API hit prediction
+    resume: int = 0         # tokens the plan restores from an earlier row of its group
+    work: int = 0           # tokens the plan prefills for it, plus what it may generate
 
 
 class ReplicaWorker:
@@ -403,7 +407,7 @@ def run_ray(cfg, llm_factory: Callable | None = None, *, on_event: Callable | No
 def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event) -> dict:
     from batchv4.packing import plan
     from batchv4.pipelines.frontend import progress_bar
-    from batchv4.pipelines.routing import Router, group_cost
+    from batchv4.pipelines.routing import Router, group_cost, split_group
     from batchv4.pipelines.run import _Errors, _now, _read
     from batchv4.pipelines.run_output import summary, write_json
     from batchv4.pipelines.run_resume import drop_stale
@@ -434,17 +438,23 @@ def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event
             pbar = progress_bar(cfg.quiet, "generate", "row", total=counts["planned_rows"])
             pool = _Pool(ray, cfg, fe.kept, writer, counts, pbar, on_event, llm_factory, uuid.uuid4().hex[:8])
             timings["engine_build"] = time.perf_counter() - t0
-            router, chunk_rows = Router(cfg.replicas), max(256, 4 * cfg.part_rows)
+            router, chunk_rows = Router(cfg.replicas), max(CHUNK_ROWS, 4 * cfg.part_rows)
             pending: list[list[WorkItem]] = [[] for _ in range(cfg.replicas)]
             group: list[WorkItem] = []
 
             def deal() -> None:
-                r = router.assign(sum(group_cost(len(it.token_ids), it.sampling.max_tokens, it.sampling.n)
-                                      for it in group))
-                pending[r].extend(group)
-                if len(pending[r]) >= chunk_rows:
-                    pool.submit(r, pending[r])
-                    pending[r] = []
+                # a group larger than two chunks is cut at branch points into pieces dealt apart
+                pieces = split_group([it.resume for it in group], [it.work for it in group], chunk_rows)
+                for a, b, recompute in pieces:
+                    r = router.assign(sum(it.work for it in group[a:b]) + recompute)
+                    pending[r].extend(group[a:b])
+                    if len(pending[r]) >= chunk_rows:
+                        pool.submit(r, pending[r])
+                        pending[r] = []
+                if len(pieces) > 1:
+                    counts["split_groups"] = counts.get("split_groups", 0) + 1
+                    counts["split_recompute_tokens"] = counts.get("split_recompute_tokens", 0) + \
+                        sum(p[2] for p in pieces)
 
             import itertools
 
@@ -454,7 +464,8 @@ def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event
                     group = []
                 req, sampling, thinking = state.get(pr.key)
                 group.append(WorkItem(str(pr.key), list(pr.token_ids), req, sampling, thinking, pr.group,
-                                      pr.api_hit_tokens))
+                                      pr.api_hit_tokens, pr.resume_pos,
+                                      group_cost(pr.prefill_tokens, sampling.max_tokens, sampling.n)))
             if group:
                 deal()
             for r, items in enumerate(pending):

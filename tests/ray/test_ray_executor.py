@@ -231,3 +231,30 @@ def test_a_replica_of_two_ranks_gives_the_local_rows(cluster, data, local, tmp_p
                              enable_expert_parallel=True))
     assert summary["counts"]["output_rows"] == 12
     assert_same_rows(out, local)
+
+
+def test_one_big_group_is_split_at_branch_points_over_both_replicas(cluster, local, tmp_path, monkeypatch):
+    """A dataset under one system prompt is one prefix group: cut into pieces (chunks of 8 rows
+    here; a cut only where the prefix to compute again is at most a quarter of the piece's work, so
+    each question is longer than a quarter of the prompt), it runs on both replicas, each piece
+    computing the shared prefix once more, with the outputs of a local run."""
+    import batchv4.pipelines.ray_executor as rx
+
+    monkeypatch.setattr(rx, "CHUNK_ROWS", 8)
+    system = DOCS[0] + DOCS[1]
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "messages": [{"role": "system", "content": system},
+                                                                     {"role": "user", "content": f"Question {i}: " + " ".join(
+                                                                         str(i * j + 7) for j in range(16))}]})
+                            + "\n" for i in range(40)))
+    want = run(config(str(path), tmp_path / "local", max_tokens=3))
+    summary = rx.run_ray(config(str(path), tmp_path / "ray", executor="ray", replicas=2, max_tokens=3, part_rows=2))
+    assert summary["counts"]["split_groups"] == 1 and summary["counts"]["output_rows"] == 40
+    manifest = read_manifest(str(tmp_path / "ray"))
+    assert {g for e in manifest["parts"] for g in e["groups"]} == {0}
+    assert {e["replica"] for e in manifest["parts"]} == {0, 1}
+    a, b = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
+    assert a.keys() == b.keys() and all(a[k]["output"] == b[k]["output"] for k in a)
+    extra = summary["this_run"]["prefill_tokens_computed"] - want["this_run"]["prefill_tokens_computed"]
+    # what the split cost: each later piece computed the shared prefix once more, nothing else
+    assert extra == summary["counts"]["split_recompute_tokens"] > 0
