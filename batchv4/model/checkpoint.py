@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -58,6 +58,7 @@ class _Piece:
     """One checkpoint weight (and its scale sidecar) destined for a model tensor or one slice of it."""
     weight: TensorInfo
     scale: TensorInfo | None = None
+    rows: tuple[int, int] | None = None    # a stacked [E, ...] tensor of which this rank reads rows lo:hi
 
 
 @dataclass
@@ -216,19 +217,24 @@ def _plan(model: nn.Module, infos: dict[str, TensorInfo], layout: str, layers: l
                 report.other_ranks_expert_tensors += 1
                 continue
             slot -= experts[0]
+        stacked = slot is None and (_STACKED.search(name) or name.endswith("experts.gate_up_proj"))
+        if experts is not None and stacked and info.shape:
+            # transformers stacks a layer's experts: this rank reads its rows of the stack
+            info = replace(info, shape=(experts[1] - experts[0], *info.shape[1:]))
         if part == "scale":
             scales[(name, slot)] = info
             continue
+        rows = experts if experts is not None and stacked else None
         if name.endswith("experts.gate_up_proj"):  # transformers: w1 rows then w3 rows
             w1, w3 = name[: -len("gate_up_proj")] + "w1", name[: -len("gate_up_proj")] + "w3"
             if w1 in targets and w3 in targets:
-                targets[w1].pieces["gate_up"] = _Piece(info)
+                targets[w1].pieces["gate_up"] = _Piece(info, rows=rows)
                 continue
         t = targets.get(name)
         if t is None or (slot is not None and not (_STACKED.search(name) and 0 <= slot < t.shape[0])):
             (mtp_bad if is_mtp else unexpected).append(key)
             continue
-        t.pieces[slot] = _Piece(info)
+        t.pieces[slot] = _Piece(info, rows=rows)
     for (name, slot), info in scales.items():
         t = targets.get(name)
         if t is not None and slot in t.pieces:
@@ -339,8 +345,9 @@ def load_checkpoint(model: nn.Module, path: str, *, layers: list[int] | None = N
     with a float32 `scale` / `w*_scale` buffer. `layers` loads a subset of the main layers (the model
     holds exactly those). strict=False tolerates missing and unexpected tensors (logged); misshapen
     ones, and model tensors left on the meta device, always fail. `expert_shard=(rank, world)`: the
-    model was built with the same shard; only that rank's block of routed experts is read (per-expert
-    layouts: official and hf-reverted).
+    model was built with the same shard; only that rank's block of routed experts is read: its
+    per-expert tensors (official and hf-reverted layouts), or its rows of each stacked tensor
+    (transformers' layout; a view of the mapped file, so only those rows' pages are read).
     """
     infos, files = read_headers(path)
     layout = detect_layout(list(infos))
@@ -349,9 +356,6 @@ def load_checkpoint(model: nn.Module, path: str, *, layers: list[int] | None = N
     dspark = bool(cfg is not None and cfg.extra.get("dspark"))
     experts = None
     if expert_shard is not None:
-        if layout == "hf":
-            raise CheckpointError(f"{path}: loading by rank reads per-expert tensors (the official layout); "
-                                  "this checkpoint stacks each layer's experts (transformers' layout)")
         from batchv4.model.moe import expert_range
 
         experts = expert_range(model.cfg.n_routed_experts, expert_shard)
@@ -381,6 +385,9 @@ def load_checkpoint(model: nn.Module, path: str, *, layers: list[int] | None = N
         for _, name, _, slot, p in work:
             w = rd.get(p.weight)
             s = rd.get(p.scale) if p.scale is not None else None
+            if p.rows is not None:      # a view of this rank's rows of the mapped stack: only they are read
+                w = w[p.rows[0]:p.rows[1]]
+                s = s[p.rows[0]:p.rows[1]] if s is not None else None
             report.tensors_read += 1 + (s is not None)
             report.bytes_read += p.weight.nbytes + (p.scale.nbytes if p.scale is not None else 0)
             if slot == "gate_up":  # transformers' [E, 2I, D]: w1 rows, then w3 rows

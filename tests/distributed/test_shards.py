@@ -80,6 +80,41 @@ def test_loading_by_rank_reads_only_its_experts_and_the_planner_counts_the_same_
             assert torch.equal(t, want), n
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_loading_by_rank_from_transformers_stacked_experts_reads_only_its_rows(tmp_path, ckpt, world):
+    """transformers' layout stacks a layer's experts in one tensor ([E, 2I, D] gate_up, [E, D, I]
+    down): a rank reads its rows of each stack (a view of the mapped file) and the bytes read are
+    the planner's for that rank, as with per-expert tensors."""
+    from batchv4.model.checkpoint import save_hf_checkpoint
+
+    _, whole = ckpt
+    from batchv4.model.checkpoint_files import read_headers
+
+    save_hf_checkpoint(whole.state_dict(), CFG, str(tmp_path))
+    infos, _ = read_headers(str(tmp_path))
+    ws = whole.state_dict()
+    for r in range(world):
+        lo, hi = expert_range(CFG.n_routed_experts, (r, world))
+        with torch.device("meta"):
+            m = Transformer(CFG, expert_shard=(r, world))
+        rep = load_checkpoint(m, str(tmp_path), dtype=torch.float32, expert_shard=(r, world))
+        assert rep.layout == "hf"
+        for n, t in m.state_dict().items():
+            if n.startswith("mtp."):          # transformers' layout has no MTP block
+                continue
+            want = ws[n][lo:hi] if ".ffn.experts.w" in n else ws[n]
+            assert torch.equal(t, want.to(t.dtype)), n
+        full = load_checkpoint(_meta(), str(tmp_path), dtype=torch.float32, strict=False)
+        stacks = [i for k, i in infos.items() if ".experts." in k and "shared" not in k]
+        others = sum(i.nbytes // i.shape[0] * (i.shape[0] - (hi - lo)) for i in stacks)
+        assert stacks and full.bytes_read - rep.bytes_read == others      # exactly the other ranks' rows
+
+
+def _meta():
+    with torch.device("meta"):
+        return Transformer(CFG)
+
+
 def test_planner_says_when_a_model_does_not_fit():
     flash = ModelConfig.load("deepseek-v4-flash")
     one = capacity_plan(flash, 1, 141 << 30, kv_cache_dtype="fp8")
