@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,7 +191,7 @@ class Frontend:
     def batches(self, seen: Callable[[str], bool], on_error: Callable[[RowError], None], counts: dict,
                 timings: dict, *, skip: Callable[[RowRequest], bool] | None = None,
                 quiet: bool = True, seen_many: Callable[[list[str]], list[bool]] | None = None,
-                remote: Callable | None = None) -> Iterator[list[Row]]:
+                remote: Callable | None = None, rows: Iterable[list] | None = None) -> Iterator[list[Row]]:
         """Lists of this shard's rows to plan, in input order. Every row read ends in exactly one
         of: a yielded `Row`, `on_error` (this shard's error rows, in input order), `skip(req)`
         returning True (done by an earlier run; counted by the caller) or `counts["out_of_shard"]`.
@@ -207,7 +207,9 @@ class Frontend:
         `remote(raw batch)`, when given, returns a future whose `result()` is `front_stage(self,
         batch)` computed elsewhere (the Ray executor's CPU tasks); up to `remote.depth` batches are
         out at once. Reading, ids, duplicates, resume, `--limit` and `--shard` stay here, applied
-        to each batch in input order as it returns, so the rows and error rows are the same."""
+        to each batch in input order as it returns, so the rows and error rows are the same.
+        `rows`, when given, replaces reading the input here: batches of RawRows, in input order,
+        with their global indices (the Ray executor's read tasks)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from batchv4.packing import shard_of
@@ -270,7 +272,7 @@ class Frontend:
         depth = getattr(remote, "depth", 1) if remote is not None else 1
         pending: deque = deque()                # batches in the tokenizer (or out in tasks), in order
         with ThreadPoolExecutor(1, thread_name_prefix="batchv4-tokenize") as pool:
-            for batch in self.src.iter_rows(batch_size=opts.read_batch_rows):
+            for batch in rows if rows is not None else self.src.iter_rows(batch_size=opts.read_batch_rows):
                 t0 = time.perf_counter()
                 if limit is not None:
                     batch = batch[:max(0, limit - counts["input_rows"])]

@@ -2,8 +2,9 @@
 exactly once, writing the same output folder a local run writes.
 
 Flow: the driver does what a local run does up to the plan (check options, claim the folder, take
-over an earlier run, read rows, skip rows already done, plan), with the row front-end's building
-and tokenizing in Ray CPU tasks (`_FrontTasks`) -> it deals plan groups to replicas by tokens
+over an earlier run, skip rows already done, plan), with the input read by Ray tasks
+(`_ReadTasks`, one per fragment) and the row front-end's building and tokenizing in Ray CPU tasks
+(`_FrontTasks`) -> it deals plan groups to replicas by tokens
 (`pipelines.routing.Router`), whole, or a group longer than two chunks cut at branch points
 (`pipelines.routing.split_group`), in chunks -> each replica (`ReplicaWorker`, one engine) plans its chunk again with the same
 packing, generates, prices rows with the same `output_rows`, and writes parts atomically under
@@ -317,6 +318,67 @@ class _Pool:
                               cache_hit=f"{p['prompt_cache_hit_tokens'] / max(1, p['prompt_tokens']):.0%}")
 
 
+class _ReadTasks:
+    """The input read by Ray tasks, one per fragment (`InputSource.fragments`: Parquet row groups,
+    byte ranges of JSON lines, other files whole), up to two per cluster CPU out at once. Each
+    task parses its fragment with batchv4's readers (a bad line is a row with its error, as
+    locally); the driver numbers the rows and lines as the fragments come back in order and hands
+    on batches of `batch_rows`."""
+
+    FRAGMENT_BYTES = 16 << 20
+
+    def __init__(self, ray, src, batch_rows: int) -> None:
+        self.ray, self.src, self.batch_rows = ray, src, batch_rows
+        self.task = ray.remote(num_cpus=1, max_retries=3)(_read_fragment)
+        self.depth = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.submitted = 0
+
+    def batches(self):
+        from collections import deque
+
+        frags = iter(self.src.fragments(target_bytes=self.FRAGMENT_BYTES))
+        ref = self.ray.put(self.src)
+        out: deque = deque()
+
+        def submit() -> None:
+            f = next(frags, None)
+            if f is not None:
+                self.submitted += 1
+                out.append((f, self.task.remote(ref, f)))
+
+        for _ in range(self.depth):
+            submit()
+        index, lines, batch = 0, {}, []
+        while out:
+            f, pending = out.popleft()
+            rows, n = _unwrapped(self.ray, pending)
+            submit()
+            for r in self.src.place(f, rows, index, lines.get(f.file, 0)):
+                batch.append(r)
+                if len(batch) >= self.batch_rows:
+                    yield batch
+                    batch = []
+            index += len(rows)
+            lines[f.file] = lines.get(f.file, 0) + n
+        if batch:
+            yield batch
+
+
+def _read_fragment(src, frag):
+    return src.read_fragment(frag)
+
+
+def _unwrapped(ray, ref):
+    """ray.get, re-raising a task's own exception (an unreadable file's one-line OSError)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+
+
 class _FrontTasks:
     """The row front-end's row-only work (building requests, chat encoding, tokenizing) in Ray CPU
     tasks, one per read batch, up to two per cluster CPU out at once (`Frontend.batches(remote=)`);
@@ -340,7 +402,7 @@ class _Pending:
     ref: Any
 
     def result(self):
-        return self.ray.get(self.ref)
+        return _unwrapped(self.ray, self.ref)
 
 
 def _front_task(fe, batch):
@@ -420,8 +482,9 @@ def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event
               "stale_output_rows_removed": 0, "stale_error_rows_removed": 0}
     errors = _Errors(writer, cfg.part_rows, counts)
     _connect(ray, cfg)
-    front = _FrontTasks(ray, fe)
-    planned = plan(_read(cfg, fe, state, errors, counts, timings, remote=front), spill_dir=state.dir)
+    front, reads = _FrontTasks(ray, fe), _ReadTasks(ray, fe.src, cfg.read_batch_rows)
+    planned = plan(_read(cfg, fe, state, errors, counts, timings, remote=front, rows=reads.batches()),
+                   spill_dir=state.dir)
     t0 = time.perf_counter()
     first = next(planned, None)
     timings["plan"] = time.perf_counter() - t0 - timings["read_build"] - timings["tokenize"]
@@ -486,6 +549,7 @@ def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event
     result = summary(cfg, fp, writer, counts, timings, wall, stats, card, private, _now())
     result["this_run"]["executor"] = "ray"
     result["this_run"]["front_end_tasks"] = front.submitted
+    result["this_run"]["read_tasks"] = reads.submitted
     result["this_run"]["replicas"] = {str(r): st for r, st in sorted(stats.by_replica.items())} if stats else {}
     write_json(cfg.output, "summary.json", result, so)
     if fe.src.format == "openai":

@@ -258,7 +258,8 @@ def _engine_error(req, message: str | None) -> dict:
                     json.dumps({"messages": req.messages}, ensure_ascii=False)).to_record()
 
 
-def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None, elsewhere=frozenset(), remote=None):
+def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None, elsewhere=frozenset(), remote=None,
+          rows=None):
     """The front-end's rows as `PackInput(id, token ids)`, each row's record put in `state`;
     rows an earlier invocation finished with the same content are skipped, error rows it wrote
     are not written again."""
@@ -280,7 +281,7 @@ def _read(cfg, fe, state, errors: _Errors, counts, timings, on_first_row=None, e
         return False
 
     for batch in fe.batches(state.seen, on_error, counts, timings, skip=skip, quiet=cfg.quiet,
-                            seen_many=state.seen_many, remote=remote):
+                            seen_many=state.seen_many, remote=remote, rows=rows):
         if on_first_row is not None:
             on_first_row()
         state.put([(r.req, r.sampling, r.thinking) for r in batch])

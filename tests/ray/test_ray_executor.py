@@ -77,13 +77,17 @@ def assert_same_rows(out, local, same=SAME):
     assert errors_of(out) == local[2]
 
 
-def test_two_replicas_give_the_local_rows_prefill_and_groups(cluster, data, local, tmp_path):
+def test_two_replicas_give_the_local_rows_prefill_and_groups(cluster, data, local, tmp_path, monkeypatch):
+    from batchv4.pipelines import ray_executor
     from batchv4.pipelines.ray_executor import run_ray
 
+    monkeypatch.setattr(ray_executor._ReadTasks, "FRAGMENT_BYTES", 400)
     out = tmp_path / "ray"
     summary = run_ray(config(data, out, executor="ray", replicas=2, read_batch_rows=3))
-    assert_same_rows(out, local)
-    # the 13 input lines were built and tokenized in Ray tasks, three rows each
+    assert_same_rows(out, local)        # the bad line's error (its line number) included
+    # the input was read by Ray tasks in byte ranges of 400, and its 13 lines built and tokenized
+    # in Ray tasks, three rows each
+    assert summary["this_run"]["read_tasks"] == -(-os.path.getsize(data) // 400) >= 4
     assert summary["this_run"]["front_end_tasks"] == 5
     for c in ("amortized",):            # one part per replica chunk here, as locally: the same too
         assert {k: r[f"cost_usd_{c}"] for k, r in rows_of(out).items()} == \
@@ -258,3 +262,22 @@ def test_one_big_group_is_split_at_branch_points_over_both_replicas(cluster, loc
     extra = summary["this_run"]["prefill_tokens_computed"] - want["this_run"]["prefill_tokens_computed"]
     # what the split cost: each later piece computed the shared prefix once more, nothing else
     assert extra == summary["counts"]["split_recompute_tokens"] > 0
+
+
+def test_parquet_row_groups_read_by_tasks_give_the_local_rows(cluster, data, local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchv4.pipelines.ray_executor import run_ray
+
+    rows = [json.loads(line) for line in open(data) if line.startswith('{"')]
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), str(path), row_group_size=4)
+    want = run(config(str(path), tmp_path / "local"))
+    summary = run_ray(config(str(path), tmp_path / "ray", executor="ray", replicas=2))
+    assert summary["this_run"]["read_tasks"] == 3          # 12 rows in row groups of 4
+    a, b = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
+    assert a.keys() == b.keys() == local[1].keys()
+    for k in a:
+        assert {c: a[k][c] for c in SAME} == {c: b[k][c] for c in SAME}, k
+    assert want["this_run"]["prefill_tokens_computed"] == summary["this_run"]["prefill_tokens_computed"]
