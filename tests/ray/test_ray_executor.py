@@ -78,10 +78,10 @@ def assert_same_rows(out, local, same=SAME):
 
 
 def test_two_replicas_give_the_local_rows_prefill_and_groups(cluster, data, local, tmp_path, monkeypatch):
-    from batchv4.pipelines import ray_executor
+    from batchv4.pipelines import ray_tasks
     from batchv4.pipelines.ray_executor import run_ray
 
-    monkeypatch.setattr(ray_executor._ReadTasks, "FRAGMENT_BYTES", 400)
+    monkeypatch.setattr(ray_tasks.ReadTasks, "FRAGMENT_BYTES", 400)
     out = tmp_path / "ray"
     summary = run_ray(config(data, out, executor="ray", replicas=2, read_batch_rows=3))
     assert_same_rows(out, local)        # the bad line's error (its line number) included

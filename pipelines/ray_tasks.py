@@ -1,0 +1,106 @@
+"""The Ray CPU tasks of `--executor ray` ahead of the replicas: `ReadTasks` reads the input by
+fragments with batchv4's own readers, `FrontTasks` runs the row-only part of the front-end
+(`frontend.front_stage`). Both keep a bounded number of tasks out and hand results on in input
+order, so the driver numbers rows and applies ids, duplicates, resume and limits as a local run.
+
+Owns: the tasks and their ordering. Does not own: reading (`batchv4.io.readers`), the front-end
+(`pipelines.frontend`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class ReadTasks:
+    """The input read by Ray tasks, one per fragment (`InputSource.fragments`: Parquet row groups,
+    byte ranges of JSON lines, other files whole), up to two per cluster CPU out at once. Each
+    task parses its fragment with batchv4's readers (a bad line is a row with its error, as
+    locally); the driver numbers the rows and lines as the fragments come back in order and hands
+    on batches of `batch_rows`."""
+
+    FRAGMENT_BYTES = 16 << 20
+
+    def __init__(self, ray, src, batch_rows: int) -> None:
+        self.ray, self.src, self.batch_rows = ray, src, batch_rows
+        self.task = ray.remote(num_cpus=1, max_retries=3)(_read_fragment)
+        self.depth = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.submitted = 0
+
+    def batches(self):
+        from collections import deque
+
+        frags = iter(self.src.fragments(target_bytes=self.FRAGMENT_BYTES))
+        ref = self.ray.put(self.src)
+        out: deque = deque()
+
+        def submit() -> None:
+            f = next(frags, None)
+            if f is not None:
+                self.submitted += 1
+                out.append((f, self.task.remote(ref, f)))
+
+        for _ in range(self.depth):
+            submit()
+        index, lines, batch = 0, {}, []
+        while out:
+            f, pending = out.popleft()
+            rows, n = _unwrapped(self.ray, pending)
+            submit()
+            for r in self.src.place(f, rows, index, lines.get(f.file, 0)):
+                batch.append(r)
+                if len(batch) >= self.batch_rows:
+                    yield batch
+                    batch = []
+            index += len(rows)
+            lines[f.file] = lines.get(f.file, 0) + n
+        if batch:
+            yield batch
+
+
+def _read_fragment(src, frag):
+    return src.read_fragment(frag)
+
+
+def _unwrapped(ray, ref):
+    """ray.get, re-raising a task's own exception (an unreadable file's one-line OSError)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+
+
+class FrontTasks:
+    """The row front-end's row-only work (building requests, chat encoding, tokenizing) in Ray CPU
+    tasks, one per read batch, up to two per cluster CPU out at once (`Frontend.batches(remote=)`);
+    the driver reads the input and applies ids, duplicates, resume and limits in input order."""
+
+    def __init__(self, ray, fe) -> None:
+        self.ray = ray
+        self.fe = ray.put(fe.shippable())
+        self.task = ray.remote(num_cpus=1, max_retries=3)(_front_task)
+        self.depth = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.submitted = 0
+
+    def __call__(self, batch):
+        self.submitted += 1
+        return _Pending(self.ray, self.task.remote(self.fe, batch))
+
+
+@dataclass
+class _Pending:
+    ray: Any
+    ref: Any
+
+    def result(self):
+        return _unwrapped(self.ray, self.ref)
+
+
+def _front_task(fe, batch):
+    from batchv4.pipelines.frontend import front_stage
+
+    return front_stage(fe, batch)
