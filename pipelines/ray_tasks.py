@@ -14,7 +14,7 @@ from typing import Any
 
 
 class ReadTasks:
-    """The input read by Ray tasks, one per fragment (`InputSource.fragments`: Parquet row groups,
+    """The input read by Ray tasks, one per fragment (`batchv4.io.fragments`: Parquet row groups,
     byte ranges of JSON lines, other files whole), up to two per cluster CPU out at once. Each
     task parses its fragment with batchv4's readers (a bad line is a row with its error, as
     locally); the driver numbers the rows and lines as the fragments come back in order and hands
@@ -31,7 +31,9 @@ class ReadTasks:
     def batches(self):
         from collections import deque
 
-        frags = iter(self.src.fragments(target_bytes=self.FRAGMENT_BYTES))
+        from batchv4.io.fragments import fragments, place
+
+        frags = iter(fragments(self.src, target_bytes=self.FRAGMENT_BYTES))
         ref = self.ray.put(self.src)
         out: deque = deque()
 
@@ -48,7 +50,7 @@ class ReadTasks:
             f, pending = out.popleft()
             rows, n = _unwrapped(self.ray, pending)
             submit()
-            for r in self.src.place(f, rows, index, lines.get(f.file, 0)):
+            for r in place(self.src, f, rows, index, lines.get(f.file, 0)):
                 batch.append(r)
                 if len(batch) >= self.batch_rows:
                     yield batch
@@ -60,7 +62,9 @@ class ReadTasks:
 
 
 def _read_fragment(src, frag):
-    return src.read_fragment(frag)
+    from batchv4.io.fragments import read_fragment
+
+    return read_fragment(src, frag)
 
 
 def _unwrapped(ray, ref):

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchv4.io.fragments import fragments, place, read_fragment
 from batchv4.io.readers import open_input
 
 
@@ -31,9 +32,9 @@ def src(tmp_path_factory):
 
 def _by_fragments(src, target):
     got, index, line = [], 0, {}
-    for f in src.fragments(target_bytes=target):
-        rows, n = src.read_fragment(f)
-        got += src.place(f, rows, index, line.get(f.file, 0))
+    for f in fragments(src, target_bytes=target):
+        rows, n = read_fragment(src, f)
+        got += place(src, f, rows, index, line.get(f.file, 0))
         index += len(rows)
         line[f.file] = line.get(f.file, 0) + n
     return got
@@ -47,6 +48,6 @@ def test_fragments_give_the_rows_of_iter_rows(src, target):
 
 
 def test_fragment_kinds(src):
-    kinds = [f.kind for f in src.fragments(target_bytes=1 << 20)]
+    kinds = [f.kind for f in fragments(src, target_bytes=1 << 20)]
     assert kinds == ["jsonl", "json", "parquet", "parquet", "parquet", "parquet", "jsonl"]
-    assert src.fragments(target_bytes=1 << 20)[-1].end == -1          # compressed: whole
+    assert fragments(src, target_bytes=1 << 20)[-1].end == -1          # compressed: whole
