@@ -309,6 +309,14 @@ def test_openai_bodies_without_temperature_sample_at_openais_default(tmp_path):
 
 
 # ---- signals ----------------------------------------------------------------------------------------
+def _listed_parts(out) -> int:
+    try:
+        with open(out / "manifest.json") as f:
+            return len(json.load(f)["parts"])
+    except (OSError, ValueError):
+        return 0
+
+
 def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
     import signal
     import tempfile
@@ -320,7 +328,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
             "--part-rows", "2", "--max-num-seqs", "2", "--quiet"]
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     t0 = time.monotonic()
-    while not list(out.glob("part-*.parquet")):
+    while not _listed_parts(out):                       # a part is listed (not only written)
         assert p.poll() is None, p.communicate()[1].decode()[-2000:]
         assert time.monotonic() - t0 < 90
         time.sleep(0.01)
@@ -329,7 +337,10 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
     assert p.returncode == 143 and b"Terminated." in err, err.decode()[-2000:]
     with open(out / "manifest.json") as f:
         listed = {e["file"] for e in json.load(f)["parts"]}
-    assert listed == {p.name for p in out.glob("part-*.parquet")} and listed       # flushed: every part listed
+    on_disk = {p.name for p in out.glob("part-*.parquet")}
+    # flushed: every part is listed, but the one the signal may have caught between its rename and
+    # its listing (never read; the rerun below redoes its rows)
+    assert listed and listed <= on_disk and len(on_disk - listed) <= 1
     assert not (out / "_batchv4.lock").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith("batchv4-run-")]   # scratch removed
     assert tempfile.gettempdir() != str(tmp_path)
