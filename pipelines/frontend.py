@@ -174,7 +174,7 @@ class Frontend:
         return self._tokenizer
 
     def shippable(self) -> "Frontend":
-        """A copy for `front_stage` in another process: no input source (its files stay here) and
+        """A copy for `encode_stage` in another process: no input source (its files stay here) and
         no tokenizer (each process loads its own)."""
         import copy
 
@@ -204,10 +204,11 @@ class Frontend:
         Batch k is tokenized in a worker thread while this thread reads and builds batch k+1
         and the caller plans batch k-1 (HF tokenizers releases the GIL while it encodes).
 
-        `remote(raw batch)`, when given, returns a future whose `result()` is `front_stage(self,
-        batch)` computed elsewhere (the Ray executor's CPU tasks); up to `remote.depth` batches are
-        out at once. Reading, ids, duplicates, resume, `--limit` and `--shard` stay here, applied
-        to each batch in input order as it returns, so the rows and error rows are the same.
+        `remote(requests)`, when given, replaces the tokenize thread: it returns a future whose
+        `result()` is `encode_stage(self, requests)` computed elsewhere (the Ray executor's CPU
+        tasks), up to `remote.depth` batches out at once. Building requests, ids, duplicates,
+        resume, `--limit` and `--shard` stay here, in input order, so rows an earlier run finished
+        are never tokenized and the rows and error rows are the same.
         `rows`, when given, replaces reading the input here: batches of RawRows, in input order,
         with their global indices (the Ray executor's read tasks)."""
         from concurrent.futures import ThreadPoolExecutor
@@ -231,16 +232,9 @@ class Frontend:
                 on_error(err)
 
         def finish(job) -> list[Row]:
+            built, errors, fut = job
             t1 = time.perf_counter()
-            if job[0] == "remote":
-                _, batch, fut = job
-                prepared, encoded_all, busy = fut.result()
-                built, errors, where = self._admit(batch, prepared, check, skip)
-                encoded = [encoded_all[i] for i in where]
-                del batch, prepared, encoded_all
-            else:
-                _, built, errors, fut = job
-                encoded, busy = fut.result()
+            encoded, busy = fut.result() if fut is not None else ([], 0.0)
             self.tokenize_busy += busy
             for err in errors:                  # the batch's build errors, then its tokenize errors
                 fail(err)
@@ -279,13 +273,14 @@ class Frontend:
                 counts["input_rows"] += len(batch)
                 if bars[0] is not None:
                     bars[0].update(len(batch))
+                built, errors = self._admit(batch, self._prepare(batch), check, skip)
                 tok = self.tokenizer            # loaded here, not in the worker: its errors are the caller's
+                reqs = [b[0] for b in built]
                 if remote is not None:
-                    job = ("remote", batch, remote(batch))
+                    job = (built, errors, remote(reqs) if reqs else None)
                 else:
-                    built, errors, _ = self._admit(batch, self._prepare(batch), check, skip)
-                    job = ("local", built, errors, pool.submit(_timed, self._encode, tok, [b[0] for b in built]))
-                    del built, errors
+                    job = (built, errors, pool.submit(_timed, self._encode, tok, reqs))
+                del built, errors, reqs
                 # what is done with is freed now (here, and the finished batch before the yield),
                 # not a batch later: fewer live objects make the cyclic GC's passes fewer and shorter
                 del batch
@@ -314,8 +309,7 @@ class Frontend:
         """Each raw row's request, as far as it depends on the row alone: `(RowError, None, None,
         None)` when no request can be built, else `(RowRequest, sampling overrides, SamplingParams,
         None)`, or `(RowRequest, None, None, RowError)` for a request that cannot run (tools on the
-        local engine, bad sampling fields, kept values that do not fit their column). Pure: the Ray
-        executor runs it in CPU tasks."""
+        local engine, bad sampling fields, kept values that do not fit their column)."""
         from batchv4.io.rows import build_request
 
         spec = self.spec
@@ -343,17 +337,16 @@ class Frontend:
         return out
 
     def _admit(self, batch: list, prepared: list[tuple], check: Callable[[list[str]], list[bool]],
-               skip: Callable[[RowRequest], bool] | None) -> tuple[list[tuple], list[RowError], list[int]]:
+               skip: Callable[[RowRequest], bool] | None) -> tuple[list[tuple], list[RowError]]:
         """What the job does with a prepared batch, in input order: (the requests to run, as
-        (RowRequest, overrides, SamplingParams); the batch's error rows, in input order; the
-        index in `prepared` of each request to run). Every id is marked seen, an error row's too
+        (RowRequest, overrides, SamplingParams); the batch's error rows, in input order). Every
+        id is marked seen, an error row's too
         (an earlier run's output of it is stale); a duplicate id is an error row before anything
         else, a row an earlier run finished (`skip`) is left out before its own errors."""
         dup = iter(check([p[0].id for p in prepared if p[0].id is not None]))
         built: list[tuple] = []
         errors: list[RowError] = []
-        where: list[int] = []
-        for i, (raw, (r, over, sampling, err)) in enumerate(zip(batch, prepared)):
+        for raw, (r, over, sampling, err) in zip(batch, prepared):
             if isinstance(r, RowError):
                 if r.id is not None:
                     next(dup)
@@ -368,8 +361,7 @@ class Frontend:
                 errors.append(err)
                 continue
             built.append((r, over, sampling))
-            where.append(i)
-        return built, errors, where
+        return built, errors
 
     def _check_kept(self, prepared: list[tuple]) -> None:
         """Marks the prepared rows whose kept values do not fit the kept columns' types (a JSON
@@ -437,20 +429,17 @@ class _Ids:
     ids: list
 
 
-def front_stage(fe: "Frontend", batch: list) -> tuple[list[tuple], list, float]:
-    """The row-only part of the front-end for one raw batch, as a CPU task runs it: (the prepared
-    rows, each one's (token ids, thinking, error) or None where it is not encoded, the seconds
-    spent). `fe` may be a copy without its input source (see `Frontend.shippable`)."""
+def encode_stage(fe: "Frontend", requests: list) -> tuple[list[tuple], float]:
+    """The tokenizing of one batch's requests, as a CPU task runs it: (each one's (token ids,
+    thinking, error), the seconds spent). `fe` may be a copy without its input source (see
+    `Frontend.shippable`); each process loads the tokenizer once."""
     t = time.perf_counter()
     name = fe.opts.tokenizer or fe.opts.model
     if fe._tokenizer is None:          # one tokenizer per process, for every task it runs
         fe._tokenizer = _TASK_TOKENIZERS.get(name) or _TASK_TOKENIZERS.setdefault(name, model_tokenizer(name))
-    prepared = fe._prepare(batch)
-    todo = [i for i, p in enumerate(prepared) if p[3] is None and not isinstance(p[0], RowError)]
-    encoded: list = [None] * len(prepared)
-    for i, (enc, think, err) in zip(todo, fe._encode(fe.tokenizer, [prepared[i][0] for i in todo])):
-        encoded[i] = (_Ids(list(enc.ids)) if enc is not None else None, think, err)
-    return prepared, encoded, time.perf_counter() - t
+    encoded = [(_Ids(list(enc.ids)) if enc is not None else None, think, err)
+               for enc, think, err in fe._encode(fe.tokenizer, requests)]
+    return encoded, time.perf_counter() - t
 
 
 def _uses_tools(params: dict) -> bool:

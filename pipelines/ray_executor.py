@@ -3,7 +3,7 @@ exactly once, writing the same output folder a local run writes.
 
 Flow: the driver does what a local run does up to the plan (check options, claim the folder, take
 over an earlier run, skip rows already done, plan), with the input read by Ray tasks
-(`ray_tasks.ReadTasks`, one per fragment) and the row front-end's building and tokenizing in Ray
+(`ray_tasks.ReadTasks`, one per fragment) and the row front-end's tokenizing in Ray
 CPU tasks (`ray_tasks.FrontTasks`) -> it deals plan groups to replicas by tokens
 (`pipelines.routing.Router`), whole, or a group longer than two chunks cut at branch points
 (`pipelines.routing.split_group`), in chunks -> each replica (`ray_replicas.ReplicaWorker`, one
@@ -98,16 +98,13 @@ def _drive(ray, cfg, fp, fe, card, private, state, writer, llm_factory, on_event
     from batchv4.packing import plan
     from batchv4.pipelines.frontend import progress_bar
     from batchv4.pipelines.routing import Router, group_cost, split_group
-    from batchv4.pipelines.run import _Errors, _now, _read
+    from batchv4.pipelines.run import _Errors, _now, _read, job_counters
     from batchv4.pipelines.run_output import summary, write_json
     from batchv4.pipelines.run_resume import drop_stale
 
     so = cfg.storage_options or None
     t_start = time.perf_counter()
-    timings = {"read_build": 0.0, "tokenize": 0.0, "plan": 0.0, "engine_build": 0.0, "plan_engine": 0.0,
-               "account_write": 0.0}
-    counts = {"input_rows": 0, "skipped_done": 0, "new_error_rows": 0, "out_of_shard": 0, "planned_rows": 0,
-              "stale_output_rows_removed": 0, "stale_error_rows_removed": 0}
+    timings, counts = job_counters()
     errors = _Errors(writer, cfg.part_rows, counts)
     _connect(ray, cfg)
     front, reads = FrontTasks(ray, fe), ReadTasks(ray, fe.src, cfg.read_batch_rows)

@@ -1,6 +1,6 @@
 """The Ray CPU tasks of `--executor ray` ahead of the replicas: `ReadTasks` reads the input by
-fragments with batchv4's own readers, `FrontTasks` runs the row-only part of the front-end
-(`frontend.front_stage`). Both keep a bounded number of tasks out and hand results on in input
+fragments with batchv4's own readers, `FrontTasks` tokenizes the requests the driver built
+(`frontend.encode_stage`). Both keep a bounded number of tasks out and hand results on in input
 order, so the driver numbers rows and applies ids, duplicates, resume and limits as a local run.
 
 Owns: the tasks and their ordering. Does not own: reading (`batchv4.io.readers`), the front-end
@@ -79,9 +79,10 @@ def _unwrapped(ray, ref):
 
 
 class FrontTasks:
-    """The row front-end's row-only work (building requests, chat encoding, tokenizing) in Ray CPU
-    tasks, one per read batch, up to two per cluster CPU out at once (`Frontend.batches(remote=)`);
-    the driver reads the input and applies ids, duplicates, resume and limits in input order."""
+    """The row front-end's tokenizing (chat encoding and BPE, its costly part) in Ray CPU tasks,
+    one per batch of requests to run, up to two per cluster CPU out at once
+    (`Frontend.batches(remote=)`); the driver builds the requests and applies ids, duplicates,
+    resume and limits in input order first, so rows already done are never tokenized."""
 
     def __init__(self, ray, fe) -> None:
         self.ray = ray
@@ -90,9 +91,9 @@ class FrontTasks:
         self.depth = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         self.submitted = 0
 
-    def __call__(self, batch):
+    def __call__(self, requests):
         self.submitted += 1
-        return _Pending(self.ray, self.task.remote(self.fe, batch))
+        return _Pending(self.ray, self.task.remote(self.fe, requests))
 
 
 @dataclass
@@ -104,7 +105,7 @@ class _Pending:
         return _unwrapped(self.ray, self.ref)
 
 
-def _front_task(fe, batch):
-    from batchv4.pipelines.frontend import front_stage
+def _front_task(fe, requests):
+    from batchv4.pipelines.frontend import encode_stage
 
-    return front_stage(fe, batch)
+    return encode_stage(fe, requests)

@@ -134,6 +134,15 @@ class _Build:
         return self.llm
 
 
+def job_counters() -> tuple[dict, dict]:
+    """A job's stage seconds and row counts at their start (both executors report these)."""
+    timings = {"read_build": 0.0, "tokenize": 0.0, "plan": 0.0, "engine_build": 0.0, "plan_engine": 0.0,
+               "account_write": 0.0}
+    counts = {"input_rows": 0, "skipped_done": 0, "new_error_rows": 0, "out_of_shard": 0, "planned_rows": 0,
+              "stale_output_rows_removed": 0, "stale_error_rows_removed": 0}
+    return timings, counts
+
+
 def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool, elsewhere=frozenset()) -> dict:
     from batchv4.packing import PackConfig, plan
     from batchv4.pipelines.run_output import amortize, output_rows, summary, write_json
@@ -141,10 +150,7 @@ def _run(cfg, fp, fe, card, private, state, writer, llm_factory, early: bool, el
 
     so = cfg.storage_options or None
     t_start = time.perf_counter()
-    timings = {"read_build": 0.0, "tokenize": 0.0, "plan": 0.0, "engine_build": 0.0, "plan_engine": 0.0,
-               "account_write": 0.0}
-    counts = {"input_rows": 0, "skipped_done": 0, "new_error_rows": 0, "out_of_shard": 0, "planned_rows": 0,
-              "stale_output_rows_removed": 0, "stale_error_rows_removed": 0}
+    timings, counts = job_counters()
     errors = _Errors(writer, cfg.part_rows, counts)
     api_unit = PackConfig().api_unit
     build: list[_Build] = []

@@ -339,9 +339,8 @@ def _corpus_running(cfg, layout, R: _Rounds, tops: list[dict]) -> tuple[dict | N
         kids = ([running] if running is not None else []) + [tops[i + j] for j in group]
         node = _node(None, f"corpus#{k}.0", k, f"corpus-{k}", (None, None, None, None),
                      sc.join_summaries(header, [texts[j] for j in group]), [c["chunk_id"] for c in kids])
-        for c in kids:
-            if c is running:
-                c["parent_id"] = node["chunk_id"]
+        if running is not None:
+            running["parent_id"] = node["chunk_id"]
         R.go(f"corpus-{k}", [node])
         running, i = node, i + len(group)
         if R.failed(node):

@@ -84,7 +84,7 @@ class LLM:
                  max_model_len: int | None = None, layers: list[int] | None = None,
                  use_kernels: bool | None = None, dry_run: bool = False, kv_cache_dtype: str = "auto",
                  data_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 expert_shard: tuple[int, int] | None = None, quantized_weights: str = "resident") -> None:
+                 expert_shard: tuple[int, int] | None = None, quantized_weights: str = "auto") -> None:
         """`page_size` is in compressed entries per page (8 = 32 tokens of a CSA layer): small pages
         keep short sequences' partly filled pages small (see benchmarks/RESULTS.md, cache memory).
         `dry_run` builds the model on the meta device and runs the scheduler and cache manager
@@ -97,12 +97,13 @@ class LLM:
         (`batchv4.engine.distributed`), with `enable_expert_parallel` sharding the routed experts
         over them. `expert_shard=(rank, world)` builds (and loads) only that rank's block of routed
         experts; the rank group passes it, and the engine then needs an expert exchange.
-        `quantized_weights`: "resident" (default) keeps a checkpoint's FP8 and FP4 weights in their
-        quantized form with their scales (what the FP8 GEMM and fused MoE kernels read; the torch
-        path dequantizes one weight at a time as it runs), "dequantize" converts them to `dtype`
-        at load (more memory, no per-use conversion)."""
-        if quantized_weights not in ("resident", "dequantize"):
-            raise UserError(f"quantized_weights must be 'resident' or 'dequantize', got {quantized_weights!r}")
+        `quantized_weights`: "resident" keeps a checkpoint's FP8 and FP4 weights in their quantized
+        form with their scales (what the FP8 GEMM and fused MoE kernels read; the torch path
+        dequantizes one weight at a time as it runs), "dequantize" converts them to `dtype` at load
+        (more memory, no per-step conversion), "auto" (default) is resident where the kernels run
+        (CUDA) and dequantized elsewhere."""
+        if quantized_weights not in ("auto", "resident", "dequantize"):
+            raise UserError(f"quantized_weights must be 'auto', 'resident' or 'dequantize', got {quantized_weights!r}")
         if kv_cache_dtype not in ("auto", "fp8"):
             raise UserError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
         from batchv4.model.model import Transformer
@@ -137,7 +138,8 @@ class LLM:
                 self.model = Transformer(self.cfg, layers, **build)
             self.load_report = load_checkpoint(self.model, model, layers=layers, dtype=self.dtype,
                                                device=str(self.device), expert_shard=expert_shard,
-                                               keep_quantized=quantized_weights == "resident")
+                                               keep_quantized=quantized_weights == "resident" or
+                                               (quantized_weights == "auto" and kernels))
         self.model.eval()
         from batchv4.tokenizer import load_tokenizer
 

@@ -20,7 +20,7 @@ def test_fp8_fp4_checkpoint_stays_quantized_and_generates_the_same(tmp_path):
     cfg = ModelConfig.load("test")
     save_official_checkpoint(Transformer(cfg).init_random(2, std=0.1), cfg, str(tmp_path), fp8=True, fp4_experts=True)
     kw = dict(device="cpu", dtype="float32", kv_cache_memory="16MiB", max_num_seqs=4)
-    resident = LLM(str(tmp_path), **kw)
+    resident = LLM(str(tmp_path), quantized_weights="resident", **kw)
     plain = LLM(str(tmp_path), quantized_weights="dequantize", **kw)
     sd = resident.model.state_dict()
     dtypes = {str(t.dtype) for n, t in sd.items() if re.search(r"\.ffn\.experts\.w[123]$", n)}
